@@ -1,0 +1,275 @@
+"""Loading SAM / µSAM checkpoints safely, and saving them in µSAM's layout.
+
+Layouts understood (micro_sam 1.8.14, micro_sam/util.py ``_load_checkpoint``, ``export_custom_sam_model``,
+``training.export_instance_segmentation_model`` and ``bioimageio.model_export``):
+
+* a plain SAM state dict (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``), as published by
+  segment-anything, MobileSAM and the µSAM registry;
+* ``{"model_state": <SAM state dict>, "decoder_state": <UNETR decoder state dict>, ...}``: µSAM finetuning
+  checkpoints (torch_em trainer; the keys of ``model_state`` carry the ``sam.`` prefix of µSAM's TrainableSAM
+  wrapper, stripped here key by key like µSAM does) and µSAM's exported "model with decoder" files;
+  ``decoder_state`` is optional;
+* a published model name (``usam_bioimageio.registry.PUBLISHED_MODELS``): the model file is fetched and its hash
+  checked; the AIS decoder, a separate file holding the plain decoder state dict, is fetched too.
+
+Every file is read with ``torch.load(..., map_location="cpu", weights_only=True)``: pickles that reference
+arbitrary Python objects are refused, never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from usam_bioimageio import download
+from usam_bioimageio.registry import ARCHITECTURES, PUBLISHED_MODELS, PublishedModel
+
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "SAM_PREFIX"]
+
+SAM_PREFIX = "sam."  # µSAM TrainableSAM wrapper (micro_sam.training.trainable_sam)
+_SAM_COMPONENTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A loaded checkpoint: the SAM weights, the optional AIS (UNETR) decoder weights and where they came from."""
+
+    model_type: str
+    sam_state: Dict[str, Tensor]
+    decoder_state: Optional[Dict[str, Tensor]]
+    source: str
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder_state is not None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading files
+# --------------------------------------------------------------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # legacy (non-zip) torch.save files start with a pickled magic number
+_REFUSAL_DETAIL_WORDS = ("GLOBAL", "Unsupported", "Unpickler error")  # torch's line naming what it refused
+
+
+def _torch_load(path: Path):
+    """``torch.load`` with weights_only=True, every failure turned into a clear error naming ``path``."""
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"Checkpoint {path} is not a file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise ValueError(f"Checkpoint {path} is empty")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
+        hint = " (it looks like a text / HTML page, e.g. an error page saved by a download)" if head.lstrip()[:1] in (
+            b"<", b"{", b"#") else ""
+        raise ValueError(f"{path} is not a torch checkpoint: unknown file header {head!r}{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights only load failed" in msg.lower():
+            detail = next(
+                (ln.strip() for ln in msg.splitlines() if any(w in ln for w in _REFUSAL_DETAIL_WORDS)),
+                "",
+            )
+            detail = f"(torch: {detail.rstrip('.')})" if detail else ""
+            raise ValueError(
+                f"Checkpoint {path} was refused as untrusted: torch.load(weights_only=True) will not unpickle the "
+                f"Python objects it references, since loading them could run arbitrary code {detail}. "
+                "Only plain tensor state dicts are accepted; if you trust the file, re-save its state dicts "
+                "(e.g. micro_sam.util.export_custom_sam_model) and load that."
+            ) from None
+        raise ValueError(f"{path} is not a readable torch checkpoint (corrupt pickle): {msg}") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, OSError, AttributeError, IndexError, TypeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        first = (str(e).splitlines() or [""])[0][:300]
+        kind = "truncated or corrupt" if isinstance(e, (EOFError, RuntimeError)) else "corrupt or not a torch file"
+        raise ValueError(f"{path} is not a readable torch checkpoint ({kind}): {type(e).__name__}: {first}") from None
+
+
+def _tensor_dict(state, what: str, where: str) -> Dict[str, Tensor]:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where}: {what} is a {type(state).__name__}, not a state dict")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{where}: {what} is not a state dict of tensors (entries {bad[:5]!r} are not)")
+    if not state:
+        raise ValueError(f"{where}: {what} is empty")
+    return dict(state)
+
+
+def _strip_prefix(state: Mapping, prefix: str, where: str) -> Dict:
+    out: Dict = {}
+    for k, v in state.items():
+        key = k[len(prefix):] if isinstance(k, str) and k.startswith(prefix) else k
+        if key in out:
+            raise ValueError(f"{where}: key {key!r} occurs both with and without the {prefix!r} prefix")
+        out[key] = v
+    return out
+
+
+def _split(obj, where: str):
+    """(sam_state, decoder_state) from a loaded object in any supported layout."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} does not hold a SAM state dict: it holds a {type(obj).__name__}")
+    if "model_state" in obj:
+        model_state, decoder_state = obj["model_state"], obj.get("decoder_state")
+    else:
+        model_state, decoder_state = obj, None
+    if not isinstance(model_state, Mapping):
+        raise ValueError(f"{where}: 'model_state' is a {type(model_state).__name__}, not a state dict")
+    sam_state = _tensor_dict(_strip_prefix(model_state, SAM_PREFIX, where), "the SAM state", where)
+    missing = [c.rstrip(".") for c in _SAM_COMPONENTS if not any(k.startswith(c) for k in sam_state)]
+    if missing:
+        raise ValueError(
+            f"{where} is not a SAM state dict: no {', '.join(missing)} weights "
+            f"(first keys: {list(sam_state)[:5]})"
+        )
+    if decoder_state is not None:
+        decoder_state = _tensor_dict(decoder_state, "'decoder_state'", where)
+    return sam_state, decoder_state
+
+
+def _detect_model_type(sam_state: Dict[str, Tensor], where: str) -> str:
+    # Imported lazily: usam_bioimageio.modeling.build is written in parallel with this module.
+    from usam_bioimageio.modeling import model_type_from_state_dict
+
+    try:
+        return model_type_from_state_dict(sam_state)
+    except ValueError as e:
+        raise ValueError(f"{where}: cannot tell the SAM model type: {e}") from None
+
+
+def _expected_type(model_type: Optional[str]) -> Optional[str]:
+    if model_type is None:
+        return None
+    if model_type in ARCHITECTURES:
+        return model_type
+    if model_type in PUBLISHED_MODELS:  # a µSAM name such as "vit_b_lm": its architecture
+        return PUBLISHED_MODELS[model_type].model_type
+    raise ValueError(f"Unknown model type {model_type!r}; known: {sorted(ARCHITECTURES)}")
+
+
+def _is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
+
+
+def _fetch_published(entry: PublishedModel, progress: bool):
+    # Cache names carry a hash prefix, so that a registry update never reuses a file of an older version.
+    tag = (entry.sha256 or entry.xxh128 or "unhashed")[:8]
+    model_path = download.fetch(
+        entry.url, sha256=entry.sha256, xxh128=entry.xxh128, progress=progress, filename=f"{entry.name}-{tag}.pt"
+    )
+    decoder_path = None
+    if entry.decoder_url is not None:
+        dtag = (entry.decoder_sha256 or entry.decoder_xxh128 or "unhashed")[:8]
+        decoder_path = download.fetch(
+            entry.decoder_url, sha256=entry.decoder_sha256, xxh128=entry.decoder_xxh128, progress=progress,
+            filename=f"{entry.name}_decoder-{dtag}.pt",
+        )
+    return model_path, decoder_path
+
+
+def load_checkpoint(
+    source: Union[str, os.PathLike],
+    *,
+    model_type: Optional[str] = None,
+    sha256: Optional[str] = None,
+    progress: bool = True,
+) -> Checkpoint:
+    """Load a SAM / µSAM checkpoint from a file path, an http(s) / file URL or a published model name.
+
+    Args:
+        source: a path, a URL (fetched into the download cache) or a name from
+            ``usam_bioimageio.registry.PUBLISHED_MODELS`` (fetched and hash-checked, with its decoder).
+        model_type: the expected architecture (vit_t / vit_b / vit_l / vit_h, or a published name standing for
+            its architecture); a ValueError is raised if the weights are of another one.
+        sha256: expected sha256 of the file for a path or URL source.
+        progress: progress bar while downloading.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: not a torch file, truncated or corrupt, refused by ``weights_only=True`` as untrusted, not a
+            SAM state dict, or of another model type than ``model_type``.
+        download.DownloadError / download.ChecksumError: fetching failed or the hash is wrong.
+    """
+    expected = _expected_type(model_type)
+    decoder_path = None
+    entry = None
+    if isinstance(source, str) and source in PUBLISHED_MODELS and not Path(source).exists():
+        entry = PUBLISHED_MODELS[source]
+        path, decoder_path = _fetch_published(entry, progress)
+        label = source
+    elif isinstance(source, str) and _is_url(source):
+        path = download.fetch(source, sha256=sha256, progress=progress)
+        label = source
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            names = ""
+            if os.sep not in str(source) and not path.suffix:  # looks like a model name
+                names = f" (nor a published model name: {sorted(PUBLISHED_MODELS)})"
+            raise FileNotFoundError(f"Checkpoint not found: {path}{names}")
+        if sha256 is not None:
+            download.fetch(str(path), sha256=sha256, progress=False)
+        label = str(path)
+
+    where = f"checkpoint {label}" if label == str(path) else f"checkpoint {label} ({path})"
+    sam_state, decoder_state = _split(_torch_load(path), where)
+    if decoder_path is not None:
+        if decoder_state is not None:
+            raise ValueError(f"{where} holds a decoder_state although the registry lists a separate decoder file")
+        dwhere = f"decoder of {label} ({decoder_path})"
+        decoder_state = _tensor_dict(_torch_load(decoder_path), "the decoder file", dwhere)
+
+    detected = _detect_model_type(sam_state, where)
+    if entry is not None and detected != entry.model_type:
+        raise ValueError(f"{where}: the weights are {detected}, but the registry lists {entry.model_type}")
+    if expected is not None and detected != expected:
+        raise ValueError(f"{where}: the weights are {detected}, not the requested model type {model_type!r}")
+    return Checkpoint(model_type=detected, sam_state=sam_state, decoder_state=decoder_state, source=label)
+
+
+def save_checkpoint(
+    path: Union[str, os.PathLike],
+    *,
+    sam_state: Mapping[str, Tensor],
+    decoder_state: Optional[Mapping[str, Tensor]] = None,
+) -> Path:
+    """Write ``{"model_state": sam_state[, "decoder_state": decoder_state]}`` (µSAM's layout) atomically.
+
+    ``decoder_state`` is left out when None: µSAM takes the mere presence of the key to mean "has a decoder".
+    The file is written to a temporary file next to ``path`` and moved into place with ``os.replace``.
+    """
+    path = Path(path)
+    where = f"save_checkpoint({path})"
+    state = {"model_state": _tensor_dict(sam_state, "sam_state", where)}
+    if decoder_state is not None:
+        state["decoder_state"] = _tensor_dict(decoder_state, "decoder_state", where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
