@@ -1,0 +1,9 @@
+"""Pure-torch Segment Anything (vit_b / vit_l / vit_h) and MobileSAM (vit_t) models.
+
+No torchvision or timm; state_dict keys, shapes and numerics equal segment_anything's and mobile_sam's.
+"""
+
+from .build import build_sam, model_type_from_state_dict, seeded_sam
+from .sam import Sam
+
+__all__ = ["Sam", "build_sam", "model_type_from_state_dict", "seeded_sam"]
