@@ -1,0 +1,207 @@
+"""Checkpoint -> a family of bioimage.io packages (image encoder + prompt decoder), written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import yaml
+
+from usam_bioimageio import __version__, registry
+from usam_bioimageio.download import sha256_of
+from usam_bioimageio.embeddings import image_to_input
+from usam_bioimageio.overlay import masks_to_labels, overlay
+from usam_bioimageio.packages import FAMILY_FILE, load_package
+from usam_bioimageio.preprocess import upscale_masks
+from usam_bioimageio.prompts import build_decoder_inputs
+
+from . import modules
+from .checkpoints import Checkpoint, load_checkpoint
+from .describe import ANY, ArchitectureSpec, Batch, Index, Ref, Space, TensorSpec, channel
+from .package import DEFAULT_FORMATS, write_package
+from .samples import Sample, load_sample, synthetic_sample
+
+AUTHORS = [{"name": "usam-bioimageio developers"}]
+SAM_CREDIT = (
+    "Weights: Segment Anything (Kirillov et al. 2023, Apache-2.0) finetuned by µSAM (Archit et al., Nature "
+    "Methods 2025) where the checkpoint says so. Architecture re-implemented in usam_bioimageio.modeling."
+)
+
+
+def _family_config(checkpoint: Checkpoint, name: str, kind: str, **extra) -> dict:
+    return {
+        "kind": kind,
+        "family": name,
+        "model_type": checkpoint.model_type,
+        "image_size": registry.IMAGE_SIZE,
+        "embedding_shape": [registry.EMBEDDING_DIM, registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE],
+        "pixel_mean": list(registry.PIXEL_MEAN),
+        "pixel_std": list(registry.PIXEL_STD),
+        "input_normalization": "per-channel min-max to 0..255, truncated (micro-sam 1.8.14 _to_image)",
+        "resize": "longest side to 1024, Pillow bilinear (antialiased), zero padding bottom/right",
+        "exporter_version": __version__,
+        **extra,
+    }
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, formats: Sequence[str], work: Path) -> np.ndarray:
+    model = modules.image_encoder(ckpt)
+    x = image_to_input(sample.image)
+    with torch.no_grad():
+        embeddings = model(torch.from_numpy(x)).numpy()
+    # Cover: the image beside the first three principal components of its embeddings.
+    feats = embeddings[0].reshape(registry.EMBEDDING_DIM, -1).T
+    feats = feats - feats.mean(0)
+    pcs = feats @ np.linalg.svd(feats, full_matrices=False)[2][:3].T
+    pcs = pcs.reshape(registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE, 3)
+    from usam_bioimageio.overlay import to_display
+
+    cover_left = to_display(sample.image)
+    cover_right = to_display(np.kron(pcs, np.ones((4, 4, 1))))
+    h = cover_left.shape[0]
+    from PIL import Image
+
+    right = np.asarray(Image.fromarray(cover_right).resize((h, h)))
+    cover = _save_png(work / "encoder_cover.png", np.concatenate([cover_left, right], axis=1))
+
+    write_package(
+        module=model,
+        torchscript=modules.script_image_encoder(model) if "torchscript" in formats else None,
+        inputs=[TensorSpec("image", "2D image, channels r, g, b (gray replicated), raw pixel values of any range",
+                           [Batch(1), channel("r", "g", "b"), Space("y", ANY), Space("x", ANY)], data=x)],
+        outputs=[TensorSpec("embeddings", "SAM image embeddings",
+                            [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
+                             Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)])],
+        onnx_dynamic_axes={"image": {2: "y", 3: "x"}},
+        output_path=out,
+        name=f"{name} image encoder",
+        description=f"µSAM / SAM image encoder ({ckpt.model_type}): any 2D image -> 256x64x64 embeddings. {SAM_CREDIT}",
+        authors=AUTHORS,
+        architecture=ArchitectureSpec(callable="ImageEncoderModel", import_from="usam_bioimageio.modeling.packaged",
+                                      kwargs={"model_type": ckpt.model_type}),
+        formats=formats,
+        tags=["segment-anything", "micro-sam", "image-encoder", "embeddings", ckpt.model_type],
+        covers=[cover],
+        config=_family_config(ckpt, name, "image_encoder", sample=sample.source),
+    )
+    return embeddings
+
+
+def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, encoder_sha: str, name: str,
+                     out: Path, formats: Sequence[str], work: Path) -> None:
+    model = modules.prompt_decoder(ckpt)
+    h, w = sample.image.shape[:2]
+    inputs = build_decoder_inputs((h, w), points=sample.points, point_labels=np.ones(sample.points.shape[:2]),
+                                  boxes=sample.boxes)
+    names = ("point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
+    with torch.no_grad():
+        _, low = model(torch.from_numpy(embeddings), *[torch.from_numpy(inputs[k]) for k in names])
+    # The test tensors are a refinement step: the first prediction is the mask prompt (all-zero test
+    # tensors are refused by the spec, and this way the gate also covers mask prompts).
+    inputs["mask_input"] = np.ascontiguousarray(low[:, :1].numpy())
+    inputs["has_mask_input"] = np.ones_like(inputs["has_mask_input"])
+    masks = upscale_masks(low[:, :1].numpy(), (h, w))[:, 0] > registry.MASK_THRESHOLD
+    cover = _save_png(work / "decoder_cover.png", overlay(sample.image, masks_to_labels(masks), points=sample.points))
+
+    o, m, n_tok = Ref("point_coords", "o"), registry.LOW_RES_MASK_SIZE, registry.NUM_MASK_OUTPUTS
+    tokens = channel(*[f"mask{i}" for i in range(n_tok)])
+    write_package(
+        module=model,
+        inputs=[
+            TensorSpec("embeddings", "image embeddings from the family's image encoder",
+                       [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
+                        Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)], data=embeddings),
+            TensorSpec("point_coords", "prompt points (x, y) in original image pixels; box corners as two points",
+                       [Index("o", ANY, "objects"), Index("p", ANY, "points per object"), channel("x", "y")],
+                       data=inputs["point_coords"]),
+            TensorSpec("point_labels", "1 positive, 0 negative, 2 box top-left, 3 box bottom-right, -1 padding",
+                       [Index("o", o), Index("p", Ref("point_coords", "p"))], data=inputs["point_labels"]),
+            TensorSpec("mask_input", "previous low-resolution mask logits (zeros if unused)",
+                       [Index("o", o), channel("mask"), Space("y", m), Space("x", m)], data=inputs["mask_input"]),
+            TensorSpec("has_mask_input", "1 where mask_input is used, else 0", [Index("o", o), channel("flag")],
+                       data=inputs["has_mask_input"]),
+            TensorSpec("orig_im_size", "original image height and width", [channel("h", "w")],
+                       data=inputs["orig_im_size"]),
+        ],
+        outputs=[
+            TensorSpec("iou_predictions", "predicted IoU of each mask token", [Index("o", o), tokens]),
+            TensorSpec("low_res_masks", "mask logits, 256x256 in the padded 1024 frame (token 0: single mask, "
+                       "1-3: multimask)", [Index("o", o), tokens, Space("y", m), Space("x", m)]),
+        ],
+        onnx_dynamic_axes={"point_coords": {0: "o", 1: "p"}, "point_labels": {0: "o", 1: "p"},
+                           "mask_input": {0: "o"}, "has_mask_input": {0: "o"},
+                           "iou_predictions": {0: "o"}, "low_res_masks": {0: "o"}},
+        output_path=out,
+        name=f"{name} prompt decoder",
+        description=f"µSAM / SAM prompt encoder + mask decoder ({ckpt.model_type}): embeddings + points, boxes and "
+                    f"mask prompts for many objects -> mask logits and predicted IoU. {SAM_CREDIT}",
+        authors=AUTHORS,
+        architecture=ArchitectureSpec(callable="PromptDecoderModel", import_from="usam_bioimageio.modeling.packaged",
+                                      kwargs={"model_type": ckpt.model_type}),
+        formats=formats,
+        tags=["segment-anything", "micro-sam", "prompt-decoder", "interactive-segmentation", ckpt.model_type],
+        covers=[cover],
+        config=_family_config(ckpt, name, "prompt_decoder", image_encoder={"name": f"{name} image encoder",
+                                                                            "onnx_sha256": encoder_sha}),
+    )
+
+
+def export_family(
+    *,
+    checkpoint: Union[str, os.PathLike, Checkpoint],
+    output_dir: Union[str, os.PathLike],
+    name: Optional[str] = None,
+    model_type: Optional[str] = None,
+    sample_image: Optional[Union[str, os.PathLike]] = None,
+    sample_labels: Optional[Union[str, os.PathLike]] = None,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    overwrite: bool = False,
+) -> Path:
+    """Export the image encoder and prompt decoder packages of a checkpoint into ``output_dir``.
+
+    Every package passes bioimageio.core's test for every format before it is written; the folder appears
+    only when all packages and ``family.yaml`` are complete. Without a sample image, a synthetic one is used.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, model_type=model_type)
+    name = name or (Path(str(checkpoint)).stem if not isinstance(checkpoint, Checkpoint) else ckpt.model_type)
+    sample = load_sample(sample_image, sample_labels) if sample_image else synthetic_sample()
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    work = Path(tempfile.mkdtemp(prefix="usam-export-"))
+    try:
+        files = {"image_encoder": staging / "image_encoder.zip", "prompt_decoder": staging / "prompt_decoder.zip"}
+        embeddings = _encoder_package(ckpt, sample, name, files["image_encoder"], formats, work)
+        encoder_sha = load_package(files["image_encoder"]).identity
+        _decoder_package(ckpt, sample, embeddings, encoder_sha, name, files["prompt_decoder"], formats, work)
+        manifest = {
+            "name": name,
+            "model_type": ckpt.model_type,
+            "source": ckpt.source,
+            "exporter_version": __version__,
+            "packages": {kind: {"file": p.name, "sha256": sha256_of(p)} for kind, p in files.items()},
+        }
+        (staging / FAMILY_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+        staging.chmod(0o755)  # mkdtemp makes it private
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return output_dir

@@ -1,0 +1,42 @@
+"""Checkpoint -> the package modules with their weights, and their torchscript forms."""
+
+from __future__ import annotations
+
+import torch
+
+from usam_bioimageio import registry
+from usam_bioimageio.modeling.packaged import ImageEncoderModel, PromptDecoderModel, decoder_state, encoder_state
+
+from .checkpoints import Checkpoint
+
+
+def image_encoder(checkpoint: Checkpoint) -> ImageEncoderModel:
+    model = ImageEncoderModel(checkpoint.model_type)
+    model.load_state_dict(encoder_state(checkpoint.sam_state), strict=True)
+    return model.eval()
+
+
+def prompt_decoder(checkpoint: Checkpoint) -> PromptDecoderModel:
+    model = PromptDecoderModel(checkpoint.model_type)
+    model.load_state_dict(decoder_state(checkpoint.sam_state), strict=True)
+    return model.eval()
+
+
+class _ScriptedEncoder(torch.nn.Module):
+    """Scripted preprocessing (dynamic image size) around a traced ViT (fixed 1024 x 1024 input)."""
+
+    def __init__(self, preprocess: torch.nn.Module, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.image_encoder = vit
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(self.preprocess(image))
+
+
+def script_image_encoder(model: ImageEncoderModel) -> torch.jit.ScriptModule:
+    """torchscript of the encoder that accepts any image size (tracing alone would fix the size)."""
+    size = registry.IMAGE_SIZE
+    with torch.no_grad():
+        vit = torch.jit.trace(model.image_encoder, torch.zeros(1, 3, size, size), check_trace=False)
+    return torch.jit.script(_ScriptedEncoder(model.preprocess, vit))

@@ -1,0 +1,115 @@
+"""Automatic instance segmentation (AIS) with the packaged µSAM decoder: image -> maps -> labels.
+
+:func:`ais_maps` runs µSAM's UNETR decoder (``InstanceSegmentationWithDecoder.initialize``): with embeddings
+(given, or computed with the family's image encoder) through the ``ais_head`` package, whose maps are in
+SAM's padded 1024 x 1024 frame and are brought back to the image size here (:func:`maps_to_original`), or,
+for a family that has only the end-to-end ``ais`` package, through that one. :func:`automatic_instance_segmentation`
+adds µSAM's post-processing (:func:`usam_bioimageio.automatic.ais.instances_from_maps`).
+
+numpy and the package runners only: no torch import on the ONNX path.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..embeddings import Embeddings, compute_embeddings, image_to_input
+from ..model import SamModel
+from ..packages import PackageError
+from ..preprocess import interpolation_matrix, longest_side_shape
+from ..registry import IMAGE_SIZE
+from .ais import AisParameters, instances_from_maps
+
+__all__ = ["ais_maps", "automatic_instance_segmentation", "maps_to_original"]
+
+
+@lru_cache(maxsize=32)
+def _resize_matrix(original_size: int, resized_size: int) -> np.ndarray:
+    """(original, resized) float32 bilinear (align_corners=False) matrix; read-only (cached)."""
+    matrix = interpolation_matrix(resized_size, original_size).astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
+
+
+def maps_to_original(maps: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
+    """µSAM's ``postprocess_masks`` for maps in SAM's padded frame: (..., 1024, 1024) -> float32 (..., H, W).
+
+    Crops the top-left ``longest_side_shape(H, W)`` block (SAM's padding removed) and resizes it bilinearly
+    (``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing) to (H, W), as two matrix
+    products; equal to torch's interpolation to float32 rounding.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim < 2 or maps.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"maps must have shape (..., {IMAGE_SIZE}, {IMAGE_SIZE}), got {maps.shape}")
+    h, w = int(original_shape[0]), int(original_shape[1])
+    new_h, new_w = longest_side_shape(h, w)
+    rows = _resize_matrix(h, new_h)  # (H, new_h)
+    cols = _resize_matrix(w, new_w)  # (W, new_w)
+    cropped = maps[..., :new_h, :new_w]
+    if h * new_w <= w * new_h:  # cheaper axis first
+        return np.matmul(np.matmul(rows, cropped), cols.T)
+    return np.matmul(rows, np.matmul(cropped, cols.T))
+
+
+def _check_encoder(model: SamModel, embeddings: Embeddings) -> None:
+    head = model.family.get("ais_head")
+    expected = head.config.get("image_encoder", {}).get("onnx_sha256")
+    if expected and embeddings.encoder and expected != embeddings.encoder:
+        raise PackageError(
+            "these embeddings come from another image encoder than the AIS decoder was exported for "
+            f"({embeddings.encoder[:12]}... vs {expected[:12]}...)"
+        )
+
+
+def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
+             embeddings: Optional[Embeddings] = None) -> np.ndarray:
+    """µSAM's AIS decoder maps of a 2D image: float32 (3, H, W) = foreground probability, centre distances,
+    boundary distances (each 0..1), as ``InstanceSegmentationWithDecoder.initialize`` computes them.
+
+    Give ``embeddings`` (from :func:`usam_bioimageio.embeddings.compute_embeddings`; then ``image`` is optional
+    and only checked against their shape) to reuse them, e.g. for prompt-based segmentation of the same image;
+    otherwise ``image`` (H, W) or (H, W, C) is encoded first. A family without an ``ais_head`` package but
+    with the end-to-end ``ais`` package runs that one on ``image``.
+
+    Raises:
+        ValueError: neither image nor embeddings, an invalid image, or embeddings of another image size.
+        PackageError: the family has no AIS package, or the embeddings are from another image encoder.
+    """
+    if image is None and embeddings is None:
+        raise ValueError("ais_maps needs an image or its embeddings")
+    if image is not None:
+        image = np.asarray(image)
+        x = image_to_input(image)  # validates the image
+        if embeddings is not None and tuple(embeddings.original_shape) != tuple(x.shape[2:]):
+            raise ValueError(f"the embeddings are for an image of shape {tuple(embeddings.original_shape)}, "
+                             f"not {tuple(x.shape[2:])}")
+    family = model.family
+    if embeddings is None and "ais_head" not in family and "ais" in family:
+        runner = model.runner("ais")
+        (maps,) = runner(**{runner.input_names[0]: x}).values()
+        return np.ascontiguousarray(maps[0], dtype=np.float32)
+    if "ais_head" not in family:
+        kinds = sorted(family.packages)
+        raise PackageError(f"this model family has no AIS decoder ('ais_head' package); it has {kinds}. "
+                           "Only checkpoints with a decoder_state (µSAM's *_lm / *_em_organelles models) have one.")
+    if embeddings is None:
+        embeddings = compute_embeddings(model, image)
+    _check_encoder(model, embeddings)
+    runner = model.runner("ais_head")
+    features = np.ascontiguousarray(embeddings.features, dtype=np.float32)
+    (padded,) = runner(**{runner.input_names[0]: features}).values()
+    return maps_to_original(padded[0], embeddings.original_shape)
+
+
+def automatic_instance_segmentation(model: SamModel, image: Optional[np.ndarray] = None, *,
+                                    embeddings: Optional[Embeddings] = None,
+                                    params: AisParameters = AisParameters()) -> np.ndarray:
+    """µSAM's automatic instance segmentation with its decoder (untiled, 2D): labels (H, W) uint32, 0 =
+    background, objects 1..n numbered as µSAM numbers them. :func:`ais_maps` + ``instances_from_maps``;
+    ``params`` default to µSAM's ``InstanceSegmentationWithDecoder.generate`` defaults."""
+    if not isinstance(params, AisParameters):
+        raise TypeError(f"params must be an AisParameters, got {type(params).__name__}")
+    return instances_from_maps(ais_maps(model, image, embeddings=embeddings), params=params)

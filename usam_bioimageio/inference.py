@@ -1,0 +1,60 @@
+"""Run one package's weights: ONNX Runtime (default, no torch needed) or torchscript."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .packages import Package, PackageError
+
+WEIGHT_FORMATS = ("onnx", "torchscript")
+
+
+class Runner:
+    """Callable that runs a package: ``runner(name=array, ...) -> {output_name: array}``.
+
+    Sessions are compute resources, not state: the same runner gives the same outputs for the same inputs.
+    """
+
+    def __init__(self, package: Package, *, weight_format: str = "onnx", num_threads: Optional[int] = None):
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, not {weight_format!r}")
+        self.package = package
+        self.weight_format = weight_format
+        self.input_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["inputs"])
+        self.output_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["outputs"])
+        path = package.weights_path(weight_format)
+        threads = num_threads or int(os.environ.get("USAM_NUM_THREADS", "0")) or None
+        if weight_format == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            # The default memory arena nearly doubles peak RSS for ViT encoders (measured-facts.md).
+            options.enable_cpu_mem_arena = False
+            if threads:
+                options.intra_op_num_threads = threads
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        else:
+            try:
+                import torch
+            except ImportError as err:
+                raise PackageError("torchscript weights need torch: pip install 'usam-bioimageio[torch]'") from err
+            if threads:
+                torch.set_num_threads(threads)
+            self._module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def __call__(self, **inputs: np.ndarray) -> Dict[str, np.ndarray]:
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise ValueError(f"missing inputs {sorted(missing)} for package {self.package.name!r}")
+        if self.weight_format == "onnx":
+            outs = self._session.run(list(self.output_names), {k: inputs[k] for k in self.input_names})
+        else:
+            import torch
+
+            with torch.no_grad():
+                result = self._module(*[torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in self.input_names])
+            outs = [r.numpy() for r in (result if isinstance(result, (tuple, list)) else (result,))]
+        return dict(zip(self.output_names, outs))

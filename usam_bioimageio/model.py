@@ -1,0 +1,40 @@
+"""A loaded model family with its runners: the handle every runtime function takes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+from .inference import Runner
+from .packages import Family, load_family
+
+
+@dataclass
+class SamModel:
+    """The packages of one model and lazily created runners for them (ONNX by default)."""
+
+    family: Family
+    weight_format: str = "onnx"
+    num_threads: Optional[int] = None
+    _runners: Dict[str, Runner] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, source: Union[str, os.PathLike], *, weight_format: str = "onnx", num_threads: Optional[int] = None):
+        """Load a family folder (or a single package) from ``source``; see ``packages.load_family``."""
+        return cls(load_family(source), weight_format=weight_format, num_threads=num_threads)
+
+    def runner(self, kind: str) -> Runner:
+        if kind not in self._runners:
+            self._runners[kind] = Runner(
+                self.family.get(kind), weight_format=self.weight_format, num_threads=self.num_threads
+            )
+        return self._runners[kind]
+
+    @property
+    def encoder_identity(self) -> str:
+        return self.family.get("image_encoder").identity
+
+    @property
+    def model_type(self) -> str:
+        return next(iter(self.family.packages.values())).model_type
