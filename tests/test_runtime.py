@@ -1,0 +1,225 @@
+"""Runtime: loading packages from folders, zips, URLs and ids; clear errors for bad input; the CLI."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import tifffile
+
+from usam_bioimageio import cli
+from usam_bioimageio.embeddings import compute_embeddings
+from usam_bioimageio.model import SamModel
+from usam_bioimageio.packages import PackageError, load_family, load_package
+from usam_bioimageio.prompts import build_decoder_inputs, read_prompts, segment_from_prompts
+
+
+@pytest.fixture(scope="module")
+def model(vit_t_family):
+    return SamModel.load(vit_t_family[0])
+
+
+@pytest.fixture(scope="module")
+def image():
+    from conftest import real_images
+
+    return real_images()[0][1]  # 256 x 256 uint8
+
+
+@pytest.fixture(scope="module")
+def embeddings(model, image):
+    return compute_embeddings(model, image)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """Serve tmp_path/www on 127.0.0.1; yields (root folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_family_from_folder_has_both_packages(vit_t_family):
+    family = load_family(vit_t_family[0])
+    assert set(family.packages) >= {"image_encoder", "prompt_decoder"}
+    assert family.get("prompt_decoder").config["image_encoder"]["onnx_sha256"] == family.get("image_encoder").identity
+
+
+def test_package_from_zip_url_and_rdf_url(vit_t_family, http_root, model, image, embeddings):
+    family_dir, _ = vit_t_family
+    root, base = http_root
+    shutil.copy(family_dir / "image_encoder.zip", root / "encoder.zip")
+    from_zip_url = load_package(f"{base}/encoder.zip")
+    assert from_zip_url.kind == "image_encoder"
+    with zipfile.ZipFile(family_dir / "prompt_decoder.zip") as zf:
+        zf.extractall(root / "decoder")
+    from_rdf_url = load_package(f"{base}/decoder/rdf.yaml")
+    assert from_rdf_url.kind == "prompt_decoder"
+    assert from_rdf_url.weights_path("onnx").is_file()
+    # a model assembled from downloaded packages gives the same masks
+    from usam_bioimageio.packages import Family
+
+    remote = SamModel(Family({"image_encoder": from_zip_url, "prompt_decoder": from_rdf_url}))
+    box = np.array([60.0, 60.0, 140.0, 150.0])
+    a = segment_from_prompts(model, embeddings, boxes=box).masks
+    b = segment_from_prompts(remote, compute_embeddings(remote, image), boxes=box).masks
+    assert np.array_equal(a, b)
+
+
+def test_wrong_sha256_is_refused(vit_t_family, tmp_path):
+    zip_path = vit_t_family[0] / "image_encoder.zip"
+    with pytest.raises(PackageError, match="sha256"):
+        load_package(zip_path, sha256="0" * 64)
+    family = tmp_path / "family"
+    shutil.copytree(vit_t_family[0], family)
+    manifest = (family / "family.yaml").read_text().replace(
+        (family / "family.yaml").read_text().split("sha256: ")[1].split()[0], "f" * 64
+    )
+    (family / "family.yaml").write_text(manifest)
+    with pytest.raises(PackageError, match="sha256"):
+        load_family(family)
+
+
+def test_truncated_zip_is_refused_and_leaves_nothing(vit_t_family, tmp_path, usam_cache):
+    data = (vit_t_family[0] / "prompt_decoder.zip").read_bytes()
+    bad = tmp_path / "truncated.zip"
+    bad.write_bytes(data[: len(data) // 2])
+    before = set((usam_cache / "packages").iterdir()) if (usam_cache / "packages").exists() else set()
+    with pytest.raises(PackageError, match="zip|package"):
+        load_package(bad)
+    after = set((usam_cache / "packages").iterdir()) if (usam_cache / "packages").exists() else set()
+    assert after == before
+
+
+def test_not_a_package(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(PackageError):
+        load_package(tmp_path)
+    with pytest.raises(PackageError):
+        load_package(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError):
+        load_package(tmp_path / "missing" / "x.zip")
+
+
+def test_mixed_family_is_refused(vit_t_family, tmp_path):
+    """A decoder exported for another encoder must not be paired with this one."""
+    import yaml
+
+    family = tmp_path / "mixed"
+    shutil.copytree(vit_t_family[0], family)
+    folder = family / "decoder"
+    with zipfile.ZipFile(family / "prompt_decoder.zip") as zf:
+        zf.extractall(folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    rdf["config"]["usam"]["image_encoder"]["onnx_sha256"] = "a" * 64
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    (family / "prompt_decoder.zip").unlink()
+    (family / "family.yaml").unlink()
+    with pytest.raises(PackageError, match="different models"):
+        load_family(family)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((0, 10), np.uint8), "empty"),
+        (np.zeros((4, 5, 6, 7), np.uint8), "dimension|shape"),
+        (np.zeros((10,), np.uint8), "dimension|shape"),
+        (np.full((16, 16), np.nan, np.float32), "NaN|finite"),
+    ],
+)
+def test_bad_images_get_clear_errors(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        compute_embeddings(model, bad)
+
+
+def test_bad_prompts_get_clear_errors(model, embeddings):
+    shape = embeddings.original_shape
+    with pytest.raises(ValueError, match="outside"):
+        segment_from_prompts(model, embeddings, points=[[shape[1] + 5, 3]], point_labels=[1])
+    with pytest.raises(ValueError, match="outside"):
+        segment_from_prompts(model, embeddings, boxes=[-10, 0, 20, 20])
+    with pytest.raises(ValueError, match="match"):
+        segment_from_prompts(model, embeddings, points=[[3, 3], [4, 4]], point_labels=[1])
+    with pytest.raises(ValueError, match="point_labels"):
+        segment_from_prompts(model, embeddings, points=[[3, 3]])
+    with pytest.raises(ValueError, match="0 \\(negative\\) or 1"):
+        segment_from_prompts(model, embeddings, points=[[3, 3]], point_labels=[5])
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        segment_from_prompts(model, embeddings, boxes=[20, 20, 10, 10])
+    with pytest.raises(ValueError, match="number of objects"):
+        segment_from_prompts(model, embeddings, boxes=[[0, 0, 5, 5]] * 2, points=[[[1, 1]]] * 3, point_labels=[[1]] * 3)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        segment_from_prompts(model, embeddings)
+    with pytest.raises(ValueError, match="NaN"):
+        segment_from_prompts(model, embeddings, boxes=[0, 0, np.nan, 5])
+    with pytest.raises(ValueError, match="mask_inputs"):
+        segment_from_prompts(model, embeddings, mask_inputs=np.zeros((64, 64)))
+
+
+def test_decoder_inputs_follow_sampredictor_padding():
+    no_box = build_decoder_inputs((100, 200), points=[[10, 20]], point_labels=[1])
+    assert no_box["point_labels"].tolist() == [[1, -1]]
+    with_box = build_decoder_inputs((100, 200), points=[[10, 20]], point_labels=[1], boxes=[0, 0, 50, 50])
+    assert with_box["point_labels"].tolist() == [[1, 2, 3]]
+    mask_only = build_decoder_inputs((100, 200), mask_inputs=np.ones((256, 256)))
+    assert mask_only["point_coords"].shape == (1, 0, 2)
+    assert mask_only["has_mask_input"].tolist() == [[1.0]]
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"objects": [{"points": [[1, 2], [3, 4]], "labels": [1, 0]},
+                                                              {"box": [0, 0, 5, 5]}]}))
+    objects = read_prompts(tmp_path / "p.json")
+    assert [o.signature() for o in objects] == [(2, False, False), (0, True, False)]
+    (tmp_path / "p.csv").write_text("object,kind,x,y,label,x1,y1\na,point,1,2,1,,\na,box,0,0,,5,5\nb,point,3,3,0,,\n")
+    objects = read_prompts(tmp_path / "p.csv")
+    assert [o.signature() for o in objects] == [(1, True, False), (1, False, False)]
+    (tmp_path / "bad.json").write_text(json.dumps([{"points": [[1, 2]], "labels": [1, 1]}]))
+    with pytest.raises(ValueError, match="labels"):
+        read_prompts(tmp_path / "bad.json")
+
+
+def test_cli_embed_and_segment(vit_t_family, image, tmp_path, capsys):
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, image)
+    (tmp_path / "prompts.json").write_text(json.dumps({"objects": [
+        {"box": [60, 60, 140, 150]}, {"points": [[200, 40]], "labels": [1]},
+        {"points": [[100, 200], [10, 10]], "labels": [1, 0], "box": [80, 170, 130, 230]}]}))
+    family = str(vit_t_family[0])
+    assert cli.main(["embed", "--model", family, "--image", str(img), "--out", str(tmp_path / "e.npz")]) == 0
+    rc = cli.main(["segment", "--model", family, "--image", str(img), "--prompts", str(tmp_path / "prompts.json"),
+                   "--embeddings", str(tmp_path / "e.npz"), "--out", str(tmp_path / "labels.tif"),
+                   "--overlay", str(tmp_path / "overlay.png"), "--quiet"])
+    assert rc == 0
+    labels = tifffile.imread(tmp_path / "labels.tif")
+    assert labels.shape == image.shape and labels.max() <= 3
+    assert (tmp_path / "overlay.png").stat().st_size > 0
+    # the same without precomputed embeddings and with torchscript gives the same labels
+    rc = cli.main(["segment", "--model", family, "--image", str(img), "--prompts", str(tmp_path / "prompts.json"),
+                   "--out", str(tmp_path / "labels2.tif"), "--weight-format", "torchscript", "--quiet"])
+    assert rc == 0
+    assert np.mean(tifffile.imread(tmp_path / "labels2.tif") == labels) >= 0.9999
+
+
+def test_cli_errors_are_clear(vit_t_family, tmp_path, capsys):
+    rc = cli.main(["segment", "--model", str(vit_t_family[0]), "--image", str(tmp_path / "missing.tif"),
+                   "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "x.tif")])
+    assert rc == 2
+    assert "no image" in capsys.readouterr().err
+    assert not (tmp_path / "x.tif").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
