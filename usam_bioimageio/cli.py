@@ -47,6 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model_type=args.model_type,
         sample_image=args.sample_image,
         sample_labels=args.sample_labels,
+        overwrite=args.overwrite,
     )
     print(f"wrote {out}")
     return 0
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the detected model type")
     p.add_argument("--sample-image", default=None, help="image for test tensors and covers")
     p.add_argument("--sample-labels", default=None, help="ground-truth labels of the sample image (prompts)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("validate", help="run bioimageio.core's test on packages (every weight format)")
@@ -145,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"usam {args.command}: error: {err}", file=sys.stderr)
         return 2
 
