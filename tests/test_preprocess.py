@@ -418,3 +418,21 @@ def test_preprocess_module_is_numpy_only():
 
     code = "import sys, usam_bioimageio.preprocess; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("shape", [(1305, 1009), (256, 256), (100, 2000), (1024, 700)])
+def test_upscale_masks_binary_equals_thresholded_upscale(shape):
+    from usam_bioimageio.preprocess import upscale_masks, upscale_masks_binary
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:256, :256]
+    blobs = np.stack([
+        8.0 - np.hypot(yy - rng.uniform(0, 256), xx - rng.uniform(0, 256)) / rng.uniform(1, 6) for _ in range(5)
+    ])
+    noise = rng.normal(-2, 1.5, (2, 256, 256))
+    low = np.concatenate([blobs, noise, np.full((1, 256, 256), -1.0)]).astype(np.float32)
+    full = upscale_masks(low, shape) > 0
+    sparse = upscale_masks_binary(low, shape)
+    assert sparse.shape == full.shape and sparse.dtype == bool
+    assert np.mean(sparse == full) >= 0.99999
+    assert not sparse[-1].any()

@@ -68,36 +68,114 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _is_stack(image: np.ndarray, forced: bool) -> bool:
+    """A stack (z, y, x[, c]): with --stack, a 4D array, or a 3D array whose last axis is too long for channels."""
+    if forced:
+        if image.ndim not in (3, 4):
+            raise ValueError(f"--stack needs a (z, y, x) or (z, y, x, c) image, got shape {image.shape}")
+        return True
+    return image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
+
+
+def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namespace, name: str) -> str:
+    from .cache import cached_embeddings
+
+    stack = _is_stack(image, args.stack)
+    tile_shape, halo = args.tile_shape, args.halo
+    if tile_shape is not None and halo is None:
+        halo = (0, 0)
+    emb = cached_embeddings(model, image, cache, tile_shape=tile_shape, halo=halo, stack=stack,
+                            progress=not args.quiet)
+    what = f"a stack of {len(emb)} slices" if stack else f"an image of shape {image.shape[:2]}"
+    tiles = f", {len(emb.tiling)} tiles per image" if getattr(emb, "tiling", None) is not None else ""
+    return f"{name}: {what}{tiles} -> {cache}"
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embeddings import compute_embeddings, save_embeddings
     from .model import SamModel
 
+    if args.halo is not None and args.tile_shape is None:
+        raise ValueError("--halo needs --tile-shape")
+    source = Path(args.image)
+    if args.cache is None:
+        if args.out is None:
+            raise ValueError("give --out FILE.npz (one 2D image) or --cache PATH (any image, stack or folder)")
+        if args.tile_shape is not None or args.stack or source.is_dir():
+            raise ValueError("tiled embeddings, stacks and folders of images are written to a cache: "
+                             "pass --cache PATH")
+    elif args.out is not None:
+        raise ValueError("give --out or --cache, not both")
+
     model = SamModel.load(args.model, weight_format=args.weight_format)
-    emb = compute_embeddings(model, _read_image(args.image))
-    save_embeddings(Path(args.out), emb)
-    print(f"wrote embeddings {emb.features.shape} to {args.out}")
+    if args.cache is None:
+        image = _read_image(args.image)
+        if _is_stack(image, False):
+            raise ValueError(f"{args.image} holds a stack of shape {image.shape}: pass --cache PATH")
+        emb = compute_embeddings(model, image)
+        save_embeddings(Path(args.out), emb)
+        print(f"wrote embeddings {emb.features.shape} to {args.out}")
+        return 0
+    cache = Path(args.cache)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+        cache.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            print(_embed_to_cache(model, _read_image(str(path)), cache / f"{path.stem}.zarr", args, path.name))
+        return 0
+    print(_embed_to_cache(model, _read_image(args.image), cache, args, source.name))
     return 0
+
+
+def _load_embeddings_for(path: Path, image: np.ndarray, model):
+    """--embeddings: an .npz of ``usam embed --out`` or a cache folder (ours or micro-sam's)."""
+    from .embeddings import load_embeddings
+
+    if not path.is_dir():
+        return load_embeddings(path)
+    from .cache import EmbeddingCache, data_sha256, is_micro_sam_cache, load_cache
+
+    if not is_micro_sam_cache(path):
+        signature = EmbeddingCache.read(path).signature
+        if signature["data_sha256"] != data_sha256(image):
+            raise ValueError(f"the embedding cache {path} was computed for another image than {image.shape} "
+                             f"{image.dtype} read from the --image file")
+    emb = load_cache(path, model=model)
+    if not hasattr(emb, "original_shape"):
+        raise ValueError(f"{path} holds embeddings of a stack; `usam segment` segments one 2D image")
+    return emb
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .embeddings import compute_embeddings, load_embeddings
+    from .embeddings import compute_embeddings
     from .model import SamModel
     from .overlay import masks_to_labels, overlay
     from .prompts import read_prompts, segment_objects
+    from .tiled_prompts import label_objects_tiled
+    from .tiling import TiledEmbeddings
 
     model = SamModel.load(args.model, weight_format=args.weight_format)
     image = _read_image(args.image)
     objects = read_prompts(args.prompts)
     with tqdm(total=2, desc="segment", disable=args.quiet) as bar:
         bar.set_postfix_str("embeddings")
-        emb = load_embeddings(Path(args.embeddings)) if args.embeddings else compute_embeddings(model, image)
-        if emb.original_shape != image.shape[:2]:
+        emb = _load_embeddings_for(Path(args.embeddings), image, model) if args.embeddings \
+            else compute_embeddings(model, image)
+        if tuple(emb.original_shape) != image.shape[:2]:
             raise ValueError(f"embeddings are for an image of shape {emb.original_shape}, not {image.shape[:2]}")
         bar.update()
         bar.set_postfix_str(f"{len(objects)} objects")
-        labels = masks_to_labels(segment_objects(model, emb, objects))
+        if isinstance(emb, TiledEmbeddings):
+            labels = label_objects_tiled(model, emb, objects)
+        else:
+            labels = masks_to_labels(segment_objects(model, emb, objects))
         bar.update()
     _write_tiff(Path(args.out), labels)
     print(f"wrote {args.out} ({int(labels.max())} objects)")
@@ -107,6 +185,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
         _write_png(Path(args.overlay), overlay(image, labels, points=pts))
         print(f"wrote {args.overlay}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train_main
+
+    return train_main(args.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,20 +208,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("train", add_help=False, help="finetune with µSAM's iterative prompting (usam train --help)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("validate", help="run bioimageio.core's test on packages (every weight format)")
     p.add_argument("packages", nargs="+")
     p.set_defaults(func=cmd_validate)
 
-    for name, func, helptext in (("embed", cmd_embed, "compute image embeddings (.npz)"),
+    for name, func, helptext in (("embed", cmd_embed, "compute image embeddings (.npz, or a cache for large "
+                                                       "images, stacks and folders)"),
                                  ("segment", cmd_segment, "segment objects from prompts -> label TIFF")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
-        p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...)")
         p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
-        p.add_argument("--out", required=True, help="output file")
+        if name == "embed":
+            p.add_argument("--image", required=True,
+                           help="2D image (TIFF, PNG, ...), 3D TIFF stack / time series, or a folder of images")
+            p.add_argument("--out", default=None, help="output .npz (one 2D image, no tiling)")
+            p.add_argument("--cache", default=None,
+                           help="embedding cache folder (zarr) to create or resume; for a folder of images, a "
+                                "folder holding one NAME.zarr cache per image")
+            p.add_argument("--tile-shape", type=int, nargs=2, metavar=("Y", "X"), default=None,
+                           help="tile the image(s) (micro-sam's tiling); needs --cache")
+            p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None,
+                           help="overlap added around each tile (default 0 0)")
+            p.add_argument("--stack", action="store_true",
+                           help="read the image as a stack (z, y, x[, c]) and embed each slice (automatic for "
+                                "4D arrays and 3D arrays whose last axis is longer than 4)")
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+        else:
+            p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...)")
+            p.add_argument("--out", required=True, help="output file")
         p.set_defaults(func=func)
     p.add_argument("--prompts", required=True, help="prompts as JSON or CSV (see usam_bioimageio.prompts.read_prompts)")
-    p.add_argument("--embeddings", default=None, help="precomputed embeddings (.npz from `usam embed`)")
+    p.add_argument("--embeddings", default=None,
+                   help="precomputed embeddings: .npz from `usam embed --out`, or a cache folder from "
+                        "`usam embed --cache` (tiled too) or micro-sam's precompute_image_embeddings")
     p.add_argument("--overlay", default=None, help="also write a PNG overlay of the labels")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -1,0 +1,396 @@
+"""Finetuning SAM with µSAM's iterative prompting (micro_sam 1.8.14 ``training.SamTrainer``), in plain torch.
+
+One training step takes a batch of images and, per image, up to ``n_objects`` ground-truth objects
+(the same number in every image of the batch: the minimum, as µSAM's ``_preprocess_batch``):
+
+* Step ``k`` even: one positive point per object and three mask outputs; ``k`` odd: one (optionally
+  distorted) box per object and one mask output (``_get_prompt_and_multimasking_choices``).
+* ``n_iterations`` sub-iterations (µSAM's ``n_sub_iteration``, 8 by default in ``train_sam``). In each, the
+  decoder predicts masks (multimask only in the first), the loss is computed, and (except after the last)
+  the best mask per object *by predicted IoU* is binarised at logit 0; one positive and one negative
+  correction point are appended to the object's prompts (:func:`.iterative_prompting.corrective_points`,
+  the box stays); with probability ``mask_prob`` (0.5), per image and sub-iteration, that mask's low-res
+  logits are the next mask prompt, else there is none.
+* Loss per sub-iteration: Dice loss (torch_em ``DiceLoss(reduce_channel=None)``: ``1 - 2 sum(p t) /
+  (sum(p^2) + sum(t^2))`` on sigmoid probabilities at the original size, per object), the *minimum* over the
+  1 or 3 masks, averaged over objects; plus the MSE between the predicted IoUs (all 1 or 3) and the true
+  IoUs of the masks (``sigmoid > 0.5``). Both averaged over the batch, summed, then averaged over sub-iterations.
+* Validation metric: the Dice loss as above (lower is better), one-shot prompts cycling point (multimask),
+  box, points, box + points per validation image like ``_get_prompt_and_multimasking_choices_for_val``,
+  drawn from a generator reseeded for every validation so the metric is comparable between epochs; also
+  the mean IoU of the best mask (by predicted IoU).
+* Adam (lr 1e-5), ``ReduceLROnPlateau(mode="min", factor=0.9, patience=3)`` stepped with the validation
+  metric, early stopping after ``early_stopping`` (10) validations without improvement; ``best.pt`` and
+  ``latest.pt`` written in µSAM's checkpoint layout (``{"model_state": {"sam.<key>": tensor}, ...}``).
+
+Differences from µSAM, on purpose: prompts are drawn from a seeded ``numpy.random.Generator`` (deterministic),
+images are preprocessed by the runtime's :class:`~usam_bioimageio.modeling.preprocess.SamPreprocess` (µSAM's
+inference preprocessing, so embeddings equal the runtime's) instead of ``ResizeLongestSide.apply_image_torch``
+on unnormalised images, and with a frozen image encoder (the default here; µSAM's ``freeze=["image_encoder"]``)
+the embeddings are computed once per image. TODO: the joint AIS decoder loss (µSAM ``JointSamTrainer``, UNETR
+on ``PerObjectDistanceTransform`` targets) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..modeling import Sam, build_sam
+from ..modeling.preprocess import SamPreprocess
+from ..preprocess import longest_side_shape, to_rgb
+from . import iterative_prompting as ip
+
+__all__ = ["TrainConfig", "Trainer", "dice_loss", "load_sam_weights", "save_usam_checkpoint", "train", "train_main"]
+
+SAM_PREFIX = "sam."  # µSAM's TrainableSAM wrapper prefixes the SAM keys in training checkpoints
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model_type: str = "vit_b"
+    n_iterations: int = 8  # µSAM train_sam's n_sub_iteration
+    n_objects: int = 25  # µSAM's n_objects_per_batch
+    batch_size: int = 1
+    mask_prob: float = 0.5
+    box_distortion: Optional[float] = 0.025
+    lr: float = 1e-5
+    epochs: int = 10
+    steps_per_epoch: Optional[int] = None  # default: one pass over the training images
+    early_stopping: Optional[int] = 10
+    scheduler_factor: float = 0.9
+    scheduler_patience: int = 3
+    freeze_encoder: bool = True
+    device: Optional[str] = None  # default: cuda when available
+    seed: int = 0
+
+
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """torch_em ``DiceLoss(reduce_channel=None)`` per object: (n, H, W) probabilities and targets -> (n,)."""
+    p = probs.flatten(1)
+    t = target.flatten(1)
+    return 1.0 - 2.0 * (p * t).sum(-1) / ((p * p).sum(-1) + (t * t).sum(-1)).clamp(min=eps)
+
+
+def save_usam_checkpoint(path: Path, sam_state: Dict[str, torch.Tensor], **extra) -> None:
+    """Atomically write ``{"model_state": {"sam." + key: tensor}, **extra}`` (µSAM's finetuning layout)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model_state": {SAM_PREFIX + k: v.detach().cpu().clone() for k, v in sam_state.items()}, **extra}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_sam_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """SAM state dict from a plain SAM file or a µSAM ``{"model_state": ...}`` file (weights_only load)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj["model_state"] if "model_state" in obj else obj
+    return {(k[len(SAM_PREFIX):] if k.startswith(SAM_PREFIX) else k): v for k, v in state.items()}
+
+
+@dataclasses.dataclass
+class _Sample:
+    labels: np.ndarray  # (H, W) int
+    image: Optional[torch.Tensor]  # (1, 3, 1024, 1024) preprocessed, when the encoder is trained
+    embedding: Optional[torch.Tensor]  # (1, 256, 64, 64), when the encoder is frozen
+    input_size: Tuple[int, int]
+
+
+def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, sam: Sam, frozen: bool, device) -> _Sample:
+    labels = np.asarray(labels)
+    rgb = to_rgb(np.asarray(image))
+    if rgb.shape[:2] != labels.shape:
+        raise ValueError(f"image {rgb.shape[:2]} and labels {labels.shape} differ in size")
+    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(torch.float32)[None]
+    x = SamPreprocess()(x).to(device)
+    input_size = longest_side_shape(*labels.shape)
+    if frozen:
+        with torch.no_grad():
+            return _Sample(labels.astype(np.int64), None, sam.image_encoder(x), input_size)
+    return _Sample(labels.astype(np.int64), x, None, input_size)
+
+
+class Trainer:
+    """Iterative-prompting finetuning of a :class:`Sam` on (image, label image) pairs."""
+
+    def __init__(self, sam: Sam, train_data: Sequence[Tuple[np.ndarray, np.ndarray]],
+                 val_data: Sequence[Tuple[np.ndarray, np.ndarray]] = (), config: TrainConfig = TrainConfig(),
+                 log: Optional[Callable[[str], None]] = print) -> None:
+        self.config = config
+        self.log = log or (lambda message: None)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.sam = sam.to(self.device)
+        for p in self.sam.image_encoder.parameters():
+            p.requires_grad_(not config.freeze_encoder)
+        self.train_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device)
+                              for i, l in train_data]
+        self.val_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device)
+                            for i, l in val_data]
+        if not self.train_samples:
+            raise ValueError("no training images")
+        params = [p for p in self.sam.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=config.scheduler_factor, patience=config.scheduler_patience)
+        self.iteration = 0
+        self.epoch = 0
+        self.best_metric = math.inf
+        self.history: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------------------------------
+    def _embedding(self, sample: _Sample) -> torch.Tensor:
+        if sample.embedding is not None:
+            return sample.embedding
+        return self.sam.image_encoder(sample.image)
+
+    def _scale(self, coords: np.ndarray, sample: _Sample) -> torch.Tensor:
+        h, w = sample.labels.shape
+        new_h, new_w = sample.input_size
+        scaled = np.array(coords, np.float64)
+        scaled[..., 0] *= new_w / w
+        scaled[..., 1] *= new_h / h
+        return torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
+
+    def _decode(self, embedding, sample: _Sample, prompts: Dict, multimask: bool):
+        points = (prompts["points"], prompts["labels"]) if "points" in prompts else None
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=prompts.get("boxes"),
+                                                masks=prompts.get("mask_inputs"))
+        low_res, iou = self.sam.mask_decoder(image_embeddings=embedding, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=multimask)
+        masks = self.sam.postprocess_masks(low_res, sample.input_size, sample.labels.shape)
+        return masks, low_res, iou
+
+    @staticmethod
+    def _loss(masks: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor):
+        probs = torch.sigmoid(masks)  # (n, m, H, W)
+        dice = torch.stack([dice_loss(probs[:, i], target) for i in range(probs.shape[1])])  # (m, n)
+        mask_loss = dice.min(dim=0).values.mean()
+        with torch.no_grad():
+            binary = probs > 0.5
+            t = target.bool()[:, None]
+            true_iou = (binary & t).flatten(2).sum(-1) / ((binary | t).flatten(2).sum(-1) + 1e-7)
+        return mask_loss, F.mse_loss(iou_pred, true_iou)
+
+    def _initial_prompts(self, sample: _Sample, masks_np: np.ndarray, use_points: bool, use_boxes: bool,
+                         n_pos: int = 1, n_neg: int = 0) -> Dict:
+        prompts: Dict = {}
+        if use_boxes:
+            boxes = ip.starting_boxes(masks_np, self.rng, self.config.box_distortion)
+            prompts["boxes"] = self._scale(boxes.reshape(-1, 2, 2), sample).reshape(-1, 4)
+        if use_points:
+            coords, labels = [], []
+            for _ in range(n_pos):
+                c, l = ip.starting_points(masks_np, self.rng)
+                coords.append(c), labels.append(l)
+            for _ in range(n_neg):  # validation only: background points near the object
+                c, _ = ip.corrective_points(masks_np, np.zeros_like(masks_np), self.rng)
+                coords.append(c[:, 1:]), labels.append(np.zeros((len(masks_np), 1), np.int64))
+            prompts["points"] = self._scale(np.concatenate(coords, 1), sample)
+            prompts["labels"] = torch.as_tensor(np.concatenate(labels, 1), device=self.device)
+        return prompts
+
+    def _batch_objects(self, samples: Sequence[_Sample]) -> List[np.ndarray]:
+        ids = [ip.sample_object_ids(s.labels, self.config.n_objects, self.rng) for s in samples]
+        n = min(len(i) for i in ids)
+        return [ip.object_masks(s.labels, i[:n]) for s, i in zip(samples, ids)]
+
+    def iterative_loss(self, samples: Sequence[_Sample], use_boxes: bool):
+        """(loss, mask loss, IoU loss) of one batch, averaged over ``n_iterations`` sub-iterations."""
+        cfg = self.config
+        all_masks = self._batch_objects(samples)
+        if all_masks[0].shape[0] == 0:
+            return None
+        embeddings = [self._embedding(s) for s in samples]
+        prompts = [self._initial_prompts(s, m, not use_boxes, use_boxes) for s, m in zip(samples, all_masks)]
+        targets = [torch.as_tensor(m, dtype=torch.float32, device=self.device) for m in all_masks]
+        total, total_mask, total_iou = 0.0, 0.0, 0.0
+        for it in range(cfg.n_iterations):
+            multimask = (not use_boxes) and it == 0
+            mask_loss, iou_loss = 0.0, 0.0
+            outputs = []
+            for emb, s, p, t in zip(embeddings, samples, prompts, targets):
+                masks, low_res, iou = self._decode(emb, s, p, multimask)
+                ml, il = self._loss(masks, iou, t)
+                mask_loss, iou_loss = mask_loss + ml, iou_loss + il
+                outputs.append((masks, low_res, iou))
+            mask_loss, iou_loss = mask_loss / len(samples), iou_loss / len(samples)
+            total, total_mask, total_iou = total + mask_loss + iou_loss, total_mask + mask_loss, total_iou + iou_loss
+            if it < cfg.n_iterations - 1:
+                with torch.no_grad():
+                    for (masks, low_res, iou), s, p, gt in zip(outputs, samples, prompts, all_masks):
+                        best = iou.argmax(dim=1)
+                        idx = torch.arange(len(best), device=best.device)
+                        pred = (masks[idx, best] > 0).cpu().numpy()
+                        coords, labels = ip.corrective_points(gt, pred, self.rng)
+                        new_points = self._scale(coords, s)
+                        new_labels = torch.as_tensor(labels, device=self.device)
+                        if "points" in p:
+                            p["points"] = torch.cat([p["points"], new_points], 1)
+                            p["labels"] = torch.cat([p["labels"], new_labels], 1)
+                        else:
+                            p["points"], p["labels"] = new_points, new_labels
+                        if cfg.mask_prob > 0 and self.rng.random() < cfg.mask_prob:
+                            p["mask_inputs"] = low_res[idx, best][:, None].detach()
+                        else:
+                            p.pop("mask_inputs", None)
+        n = cfg.n_iterations
+        return total / n, total_mask / n, total_iou / n
+
+    def train_step(self, samples: Sequence[_Sample]) -> Optional[Dict[str, float]]:
+        self.sam.train()
+        use_boxes = self.iteration % 2 == 1
+        self.optimizer.zero_grad()
+        result = self.iterative_loss(samples, use_boxes)
+        self.iteration += 1
+        if result is None:  # no objects in one of the images
+            return None
+        loss, mask_loss, iou_loss = result
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), "mask_loss": float(mask_loss.detach()), "iou_loss": float(iou_loss.detach())}
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Dice loss (the metric, lower is better) and mean IoU on the validation images; one-shot prompts."""
+        self.sam.eval()
+        saved_rng, self.rng = self.rng, np.random.default_rng(self.config.seed + 1)
+        dice, ious = [], []
+        try:
+            for k, s in enumerate(self.val_samples):
+                masks_np = self._batch_objects([s])[0]
+                if len(masks_np) == 0:
+                    continue
+                mode = k % 4
+                n_pos, n_neg = 1, 0
+                if mode >= 2:
+                    n_pos = int(self.rng.integers(1, 5))
+                    n_neg = int(self.rng.integers(1 if (n_pos == 1 and mode == 2) else 0, 5))
+                prompts = self._initial_prompts(s, masks_np, mode != 1, mode in (1, 3), n_pos, n_neg)
+                masks, _, iou = self._decode(self._embedding(s), s, prompts, multimask=mode == 0)
+                target = torch.as_tensor(masks_np, dtype=torch.float32, device=self.device)
+                mask_loss, _ = self._loss(masks, iou, target)
+                dice.append(float(mask_loss))
+                best = masks[torch.arange(len(masks)), iou.argmax(1)] > 0
+                t = target.bool()
+                ious.extend(((best & t).flatten(1).sum(-1) / (best | t).flatten(1).sum(-1).clamp(min=1)).tolist())
+        finally:
+            self.rng = saved_rng
+        return {"metric": float(np.mean(dice)) if dice else math.nan, "mean_iou": float(np.mean(ious)) if ious else math.nan}
+
+    def fit(self, checkpoint_dir: Optional[Path] = None) -> List[Dict[str, float]]:
+        cfg = self.config
+        steps = cfg.steps_per_epoch or math.ceil(len(self.train_samples) / cfg.batch_size)
+        since_best = 0
+        for epoch in range(cfg.epochs):
+            self.epoch = epoch
+            t0 = time.time()
+            losses = []
+            for _ in range(steps):
+                idx = self.rng.choice(len(self.train_samples), size=min(cfg.batch_size, len(self.train_samples)),
+                                      replace=False)
+                out = self.train_step([self.train_samples[i] for i in idx])
+                if out is not None:
+                    losses.append(out["loss"])
+                    self.history.append({"iteration": self.iteration, "epoch": epoch, **out})
+            val = self.validate() if self.val_samples else {"metric": float(np.mean(losses)), "mean_iou": math.nan}
+            metric = val["metric"]
+            self.scheduler.step(metric)
+            improved = metric < self.best_metric
+            if improved:
+                self.best_metric, since_best = metric, 0
+            else:
+                since_best += 1
+            self.log(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val dice loss {metric:.4f}, "
+                     f"val mean IoU {val['mean_iou']:.4f}, lr {self.optimizer.param_groups[0]['lr']:.2e}, "
+                     f"{time.time() - t0:.1f}s")
+            if checkpoint_dir is not None:
+                extra = {"epoch": epoch, "iteration": self.iteration, "best_metric": self.best_metric,
+                         "current_metric": metric, "model_type": cfg.model_type}
+                state = self.sam.state_dict()
+                save_usam_checkpoint(Path(checkpoint_dir) / "latest.pt", state, **extra)
+                if improved:
+                    save_usam_checkpoint(Path(checkpoint_dir) / "best.pt", state, **extra)
+            if cfg.early_stopping is not None and since_best >= cfg.early_stopping:
+                self.log(f"early stopping: no improvement for {since_best} epochs")
+                break
+        return self.history
+
+
+def train(train_data: Sequence[Tuple[np.ndarray, np.ndarray]], val_data: Sequence[Tuple[np.ndarray, np.ndarray]] = (),
+          *, config: TrainConfig = TrainConfig(), checkpoint_dir: Optional[Path] = None,
+          initial_weights: Optional[Path] = None, sam: Optional[Sam] = None,
+          log: Optional[Callable[[str], None]] = print) -> Trainer:
+    """Finetune ``sam`` (default: ``build_sam(config.model_type)`` with ``initial_weights`` loaded) and return
+    the :class:`Trainer` (``.sam``, ``.history``, ``.best_metric``); checkpoints go to ``checkpoint_dir``."""
+    torch.manual_seed(config.seed)
+    if sam is None:
+        sam = build_sam(config.model_type)
+        if initial_weights is not None:
+            sam.load_state_dict(load_sam_weights(Path(initial_weights)), strict=True)
+    trainer = Trainer(sam, train_data, val_data, config, log=log)
+    trainer.fit(checkpoint_dir)
+    return trainer
+
+
+def _read_pairs(images: Path, labels: Path) -> List[Tuple[np.ndarray, np.ndarray]]:
+    from ..io import read_image
+
+    pairs = []
+    for image_path in sorted(p for p in Path(images).iterdir() if p.is_file()):
+        matches = sorted(Path(labels).glob(image_path.stem + ".*"))
+        if not matches:
+            raise FileNotFoundError(f"no label image for {image_path} in {labels}")
+        pairs.append((read_image(image_path), np.asarray(read_image(matches[0])).astype(np.int64)))
+    return pairs
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``usam train``: finetune on folders of images and label images matched by file stem."""
+    parser = argparse.ArgumentParser(prog="usam train", description="Finetune SAM with µSAM's iterative prompting.")
+    parser.add_argument("--train-images", type=Path, required=True)
+    parser.add_argument("--train-labels", type=Path, required=True)
+    parser.add_argument("--val-images", type=Path)
+    parser.add_argument("--val-labels", type=Path)
+    parser.add_argument("--output", type=Path, required=True, help="folder for best.pt / latest.pt")
+    parser.add_argument("--model-type", default="vit_b")
+    parser.add_argument("--checkpoint", type=Path, help="initial SAM / µSAM weights (default: untrained)")
+    defaults = TrainConfig()
+    for name in ("n_iterations", "n_objects", "batch_size", "epochs", "steps_per_epoch", "early_stopping", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--mask-prob", type=float, default=defaults.mask_prob)
+    parser.add_argument("--train-encoder", action="store_true", help="also train the image encoder (slow on CPU)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    if (args.val_images is None) != (args.val_labels is None):
+        parser.error("--val-images and --val-labels go together")
+    config = TrainConfig(model_type=args.model_type, n_iterations=args.n_iterations, n_objects=args.n_objects,
+                         batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                         early_stopping=args.early_stopping, seed=args.seed, lr=args.lr, mask_prob=args.mask_prob,
+                         freeze_encoder=not args.train_encoder, device=args.device)
+    val = _read_pairs(args.val_images, args.val_labels) if args.val_images else ()
+    trainer = train(_read_pairs(args.train_images, args.train_labels), val, config=config,
+                    checkpoint_dir=args.output, initial_weights=args.checkpoint)
+    print(f"best validation metric {trainer.best_metric:.4f}; checkpoints in {args.output}")
+    return 0
