@@ -5,6 +5,8 @@
 # usage: scripts/regenerate_ais_reference.sh [VENV_DIR] [OUT_DIR]
 #   VENV_DIR  reference virtual environment to create / reuse (default /tmp/usam-ais-ref)
 #   OUT_DIR   where the fixtures go (default tests/data/ais_reference)
+#   DECODER_OUT  environment variable: where scripts/ais_decoder_reference.py writes its fixture
+#             (default tests/data/ais_decoder_reference)
 #   PYTHON    environment variable: interpreter for the venv (default python3, needs >= 3.11 for micro-sam)
 #   TORCH_SPEC  environment variable: torch requirement (default "torch==2.13.0"; machines of this
 #             project have that CPU build locally, elsewhere any torch >= 2.5 that pip finds works)
@@ -29,7 +31,8 @@ PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" --upgrade pip
 "${PIP[@]}" "$TORCH_SPEC"
 # The packages under test, pinned, without their heavy (GUI / training) dependencies.
-"${PIP[@]}" --no-deps "micro-sam==1.8.14" "torch-em==0.10.9" "python-elf==0.9.2" "segment-anything==1.0"
+"${PIP[@]}" --no-deps "micro-sam==1.8.14" "torch-em==0.10.9" "python-elf==0.9.2" "segment-anything==1.0" \
+  "mobilesam-mirror==1.0.0"  # vit_t, for scripts/ais_decoder_reference.py
 # What importing micro_sam.instance_segmentation (-> micro_sam.util, torch_em, elf) needs.
 "${PIP[@]}" "bioimage-cpp==0.9.0" numpy scipy scikit-image scikit-learn zarr imageio tifffile pooch \
   xxhash tqdm h5py matplotlib requests imagecodecs kornia pandas
@@ -50,3 +53,5 @@ EOF
 fi
 
 "$VENV/bin/python" scripts/ais_reference.py "$OUT"
+# µSAM's AIS decoder maps (UNETR through micro_sam, seeded vit_t weights) -> tests/data/ais_decoder_reference
+"$VENV/bin/python" scripts/ais_decoder_reference.py "${DECODER_OUT:-tests/data/ais_decoder_reference}"

@@ -187,12 +187,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .training import train_main
-
-    return train_main(args.args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usam", description="Segment Anything for Microscopy as bioimage.io packages.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", add_help=False, help="finetune with µSAM's iterative prompting (usam train --help)")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="run bioimageio.core's test on packages (every weight format)")
     p.add_argument("packages", nargs="+")
@@ -251,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its own parser (argparse REMAINDER would swallow nothing before --help)
+        from .training import train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

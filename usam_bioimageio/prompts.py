@@ -17,7 +17,7 @@ from . import registry
 from .embeddings import Embeddings
 from .model import SamModel
 from .packages import PackageError
-from .preprocess import upscale_masks
+from .preprocess import upscale_masks_binary
 
 PAD_LABEL, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = -1, 2, 3
 
@@ -146,8 +146,8 @@ def segment_from_prompts(
     out = decoder(embeddings=embeddings.features, **inputs)
     tokens = slice(1, None) if multimask_output else slice(0, 1)
     low = out["low_res_masks"][:, tokens]
-    logits = upscale_masks(low, embeddings.original_shape)
-    return PromptResult(masks=logits > registry.MASK_THRESHOLD, scores=out["iou_predictions"][:, tokens], low_res_logits=low)
+    masks = upscale_masks_binary(low, embeddings.original_shape, registry.MASK_THRESHOLD)
+    return PromptResult(masks=masks, scores=out["iou_predictions"][:, tokens], low_res_logits=low)
 
 
 def batched_point_prompts(positive: np.ndarray, negative: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:

@@ -122,15 +122,19 @@ class AisModel(nn.Module):
     input of :func:`usam_bioimageio.automatic.ais.instances_from_maps`.
 
     State dict: ``image_encoder.*`` (SAM's keys) and ``unetr.*`` (µSAM's ``decoder_state`` keys).
+    ``use_conv_transpose``: the decoder variant (``unetr.uses_conv_transpose(decoder_state)``);
+    ``batch_statistics``: BatchNorm as µSAM's inference runs it (see ``unetr.BatchNorm2d``).
     """
 
-    def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False) -> None:
+    def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False,
+                 batch_statistics: bool = True) -> None:
         super().__init__()
         from .unetr import build_ais_decoder
 
         self.preprocess = SamPreprocess()
         self.image_encoder = build_sam(model_type).image_encoder
-        self.unetr = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose)
+        self.unetr = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose,
+                                       batch_statistics=batch_statistics)
 
     def forward(self, image: Tensor) -> Tensor:
         from .unetr import maps_to_original
@@ -152,11 +156,13 @@ class AisHeadModel(nn.Module):
     types share the decoder.
     """
 
-    def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False) -> None:
+    def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False,
+                 batch_statistics: bool = True) -> None:
         super().__init__()
         from .unetr import build_ais_decoder
 
-        self.unetr = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose)
+        self.unetr = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose,
+                                       batch_statistics=batch_statistics)
 
     def forward(self, embeddings: Tensor) -> Tensor:
         return self.unetr(embeddings)

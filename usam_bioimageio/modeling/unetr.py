@@ -21,6 +21,12 @@ final_activation="Sigmoid", use_skip_connection=False, resize_input=True, use_co
 - **Quirk kept**: torch_em's ``Decoder._concat`` center-crops the skip tensor to the decoder tensor's shape
   *including the channel axis*: the skips have twice the channels of the upsampled decoder tensor, so
   only their middle half of channels is used (z9[:, 128:384], z6[:, 64:192], z3[:, 32:96]).
+- **BatchNorm in training mode**: µSAM never calls ``eval()`` on the UNETR it builds (``get_unetr``, and
+  ``InstanceSegmentationWithDecoder`` does not either), so at inference its ``deconvK`` BatchNorm layers
+  normalise with the statistics of the current input (and overwrite their running statistics, which
+  then go unused). :class:`BatchNorm2d` does the same without touching the state (``batch_statistics``,
+  default True); ``batch_statistics=False`` uses the running statistics, as µSAM's own bioimage.io export
+  (``predictor.eval()``) and torch_em's validation do. InstanceNorm (no running statistics) is unaffected.
 - **Output** ``UNETR.postprocess_masks``: the (B, 3, 1024, 1024) maps are interpolated to 1024 x 1024
   (bilinear, align_corners=False: an identity here), cropped to the resized size (SAM's padding removed)
   and interpolated bilinearly (align_corners=False, no antialiasing) to the original size.
@@ -127,15 +133,40 @@ def _upsampler(use_conv_transpose: bool, in_channels: int, out_channels: int) ->
     return Upsampler2d(2, in_channels, out_channels)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same state dict) that, with ``batch_statistics``, always normalises with the
+    statistics of its input, as a BatchNorm in training mode does, without updating the running statistics.
+
+    µSAM runs its AIS decoder in training mode: ``get_unetr`` / ``get_decoder`` never call ``eval()`` on
+    the UNETR, so its BatchNorm layers use the batch statistics (biased variance) at inference. Written out
+    as reductions (mean, biased variance over batch and space) so that TorchScript and ONNX keep it.
+    ``batch_statistics=False``: the running statistics, as after ``eval()`` (µSAM's own bioimage.io export).
+    """
+
+    def __init__(self, num_features: int, batch_statistics: bool = True) -> None:
+        super().__init__(num_features)
+        self.batch_statistics = batch_statistics
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.batch_statistics:
+            return super().forward(x)
+        mean = torch.mean(x, dim=[0, 2, 3], keepdim=True)
+        centered = x - mean
+        var = torch.mean(centered * centered, dim=[0, 2, 3], keepdim=True)
+        scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+        return centered * scale + self.bias.view(1, -1, 1, 1)
+
+
 class Deconv2DBlock(nn.Module):
     """torch_em ``Deconv2DBlock``: upsampler x2 -> 3x3 conv -> BatchNorm2d -> ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, use_conv_transpose: bool, kernel_size: int = 3) -> None:
+    def __init__(self, in_channels: int, out_channels: int, use_conv_transpose: bool, kernel_size: int = 3,
+                 batch_statistics: bool = True) -> None:
         super().__init__()
         self.block = nn.Sequential(
             _upsampler(use_conv_transpose, in_channels, out_channels),
             SingleConv2DBlock(out_channels, out_channels, kernel_size),
-            nn.BatchNorm2d(out_channels),
+            BatchNorm2d(out_channels, batch_statistics),
             nn.ReLU(True),
         )
 
@@ -146,8 +177,10 @@ class Deconv2DBlock(nn.Module):
 class Decoder(nn.Module):
     """torch_em ``Decoder`` (no explicit skip channels): ``x = block(cat(sampler(x), crop(skip)))`` per level.
 
-    ``crop`` is torch_em's center crop over every axis but the batch axis: with equal spatial sizes it
-    keeps the middle ``x.shape[1]`` channels of the skip tensor.
+    ``crop`` is torch_em's center crop over every axis but the batch axis. The skips (z9, z6, z3) have the
+    spatial size of the upsampled decoder tensor and ``features[i]`` channels against its ``features[i + 1]``,
+    so the crop keeps channels ``(features[i] - features[i + 1]) // 2`` onwards; those offsets are fixed here
+    (constants, so that tracing and ONNX export keep static channel counts).
     """
 
     def __init__(self, features: List[int], use_conv_transpose: bool) -> None:
@@ -156,18 +189,15 @@ class Decoder(nn.Module):
         self.samplers = nn.ModuleList(
             [_upsampler(use_conv_transpose, i, o) for i, o in zip(features[:-1], features[1:])]
         )
-
-    @staticmethod
-    def _concat(x: Tensor, skip: Tensor) -> Tensor:
-        start: List[int] = [(s - t) // 2 for s, t in zip(skip.shape[1:], x.shape[1:])]
-        skip = skip[:, start[0]:start[0] + x.shape[1], start[1]:start[1] + x.shape[2],
-                    start[2]:start[2] + x.shape[3]]
-        return torch.cat([x, skip], dim=1)
+        self.skip_starts: List[int] = [(i - o) // 2 for i, o in zip(features[:-1], features[1:])]
+        self.skip_counts: List[int] = list(features[1:])
 
     def forward(self, x: Tensor, skips: List[Tensor]) -> Tensor:
         i = 0
         for block, sampler in zip(self.blocks, self.samplers):
-            x = block(self._concat(sampler(x), skips[i]))
+            x = sampler(x)
+            skip = skips[i].narrow(1, self.skip_starts[i], self.skip_counts[i])
+            x = block(torch.cat([x, skip], dim=1))
             i += 1
         return x
 
@@ -179,16 +209,18 @@ class AisDecoder(nn.Module):
     Its state dict is µSAM's ``decoder_state``.
     """
 
-    def __init__(self, *, use_conv_transpose: bool = False, embed_dim: int = registry.EMBEDDING_DIM,
-                 out_channels: int = AIS_OUT_CHANNELS, initial_features: int = INITIAL_FEATURES) -> None:
+    def __init__(self, *, use_conv_transpose: bool = False, batch_statistics: bool = True,
+                 embed_dim: int = registry.EMBEDDING_DIM, out_channels: int = AIS_OUT_CHANNELS,
+                 initial_features: int = INITIAL_FEATURES) -> None:
         super().__init__()
         self.use_conv_transpose = use_conv_transpose
+        self.batch_statistics = batch_statistics
         f = [initial_features * GAIN ** i for i in range(DEPTH + 1)][::-1]  # [512, 256, 128, 64]
         self.decoder = Decoder(f, use_conv_transpose)
-        self.deconv1 = Deconv2DBlock(embed_dim, f[0], use_conv_transpose)
-        self.deconv2 = Deconv2DBlock(f[0], f[1], use_conv_transpose)
-        self.deconv3 = Deconv2DBlock(f[1], f[2], use_conv_transpose)
-        self.deconv4 = Deconv2DBlock(f[2], f[3], use_conv_transpose)
+        self.deconv1 = Deconv2DBlock(embed_dim, f[0], use_conv_transpose, batch_statistics=batch_statistics)
+        self.deconv2 = Deconv2DBlock(f[0], f[1], use_conv_transpose, batch_statistics=batch_statistics)
+        self.deconv3 = Deconv2DBlock(f[1], f[2], use_conv_transpose, batch_statistics=batch_statistics)
+        self.deconv4 = Deconv2DBlock(f[2], f[3], use_conv_transpose, batch_statistics=batch_statistics)
         self.base = ConvBlock2d(embed_dim, f[0])
         self.out_conv = nn.Conv2d(f[-1], out_channels, 1)
         self.deconv_out = _upsampler(use_conv_transpose, f[-1], f[-1])
@@ -215,16 +247,20 @@ def uses_conv_transpose(decoder_state: Mapping[str, Tensor]) -> bool:
     return any(".block." in k for k in decoder_state if k.startswith("decoder.samplers"))
 
 
-def build_ais_decoder(model_type: str = "vit_b", *, use_conv_transpose: bool = False) -> AisDecoder:
+def build_ais_decoder(model_type: str = "vit_b", *, use_conv_transpose: bool = False,
+                      batch_statistics: bool = True) -> AisDecoder:
     """An untrained AIS decoder for ``model_type`` (all SAM model types share it: 256-channel embeddings),
-    in eval mode. ``use_conv_transpose``: see :func:`uses_conv_transpose`."""
+    in eval mode. ``use_conv_transpose``: see :func:`uses_conv_transpose`; ``batch_statistics``: BatchNorm
+    as µSAM runs it (True, batch statistics) or with the running statistics (False), see :class:`BatchNorm2d`."""
     registry.architecture(model_type)  # validates the model type
-    return AisDecoder(use_conv_transpose=use_conv_transpose).eval()
+    return AisDecoder(use_conv_transpose=use_conv_transpose, batch_statistics=batch_statistics).eval()
 
 
-def load_ais_decoder(model_type: str, decoder_state: Mapping[str, Tensor]) -> AisDecoder:
+def load_ais_decoder(model_type: str, decoder_state: Mapping[str, Tensor], *,
+                     batch_statistics: bool = True) -> AisDecoder:
     """:func:`build_ais_decoder` with µSAM ``decoder_state`` loaded strictly (the variant is read from its keys)."""
-    decoder = build_ais_decoder(model_type, use_conv_transpose=uses_conv_transpose(decoder_state))
+    decoder = build_ais_decoder(model_type, use_conv_transpose=uses_conv_transpose(decoder_state),
+                                batch_statistics=batch_statistics)
     decoder.load_state_dict(dict(decoder_state), strict=True)
     return decoder.eval()
 
