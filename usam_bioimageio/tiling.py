@@ -1,0 +1,301 @@
+"""Tiled embeddings for large images, and per-slice embeddings for 3D stacks and time series.
+
+The tiling is micro-sam's (1.8.14 ``util.precompute_image_embeddings(tile_shape=..., halo=...)``, which uses
+``bioimage_cpp.utils.Blocking([0, 0], shape, tile_shape).get_block_with_halo(tile_id, halo)``):
+
+- inner tiles cover the image on a regular grid from the origin: tile ``(i, j)`` starts at
+  ``(i * tile_h, j * tile_w)`` and ends there plus ``tile_shape``, clipped to the image (the last row /
+  column of tiles is smaller when the image is not a multiple of ``tile_shape``);
+- tile ids run in C order over that grid (the x index fastest): ``id = i * n_tiles_x + j``;
+- the outer tile is the inner tile grown by ``halo`` on every side and clipped to the image
+  (``max(begin - halo, 0)``, ``min(end + halo, shape)``): no padding, so edge tiles are smaller.
+
+Each outer tile is embedded as an image of its own (micro-sam's ``_to_image(input_[outer_tile])``: the
+per-channel min-max normalisation is per tile, which the image encoder package does in its graph), so a
+tile's embeddings are exactly ``compute_embeddings(model, image[tile.outer_slices])``.
+
+Everything is computed one tile (or slice) at a time: with a ``cache`` each result goes to disk as soon as
+it is computed and the returned value reads tiles back on demand, so memory does not grow with the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .embeddings import Embeddings, compute_embeddings
+from .model import SamModel
+
+Pair = Tuple[int, int]
+PairLike = Union[int, Sequence[int]]
+
+
+def as_pair(value: PairLike, name: str, *, minimum: int) -> Pair:
+    """An int or a (y, x) pair of ints -> (y, x); ValueError if not integral or below ``minimum``."""
+    values = [value, value] if np.ndim(value) == 0 else list(value)
+    if len(values) != 2:
+        raise ValueError(f"{name} must be one int or a (y, x) pair, got {value!r}")
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not float(v).is_integer():
+            raise ValueError(f"{name} must hold integers, got {value!r}")
+        if int(v) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its id, the inner block ``begin``..``end`` and the outer block (inner + halo, clipped to
+    the image) ``outer_begin``..``outer_end``; all (y, x) pixel indices, ends exclusive."""
+
+    index: int
+    begin: Pair
+    end: Pair
+    outer_begin: Pair
+    outer_end: Pair
+
+    @property
+    def inner_slices(self) -> Tuple[slice, slice]:
+        return slice(self.begin[0], self.end[0]), slice(self.begin[1], self.end[1])
+
+    @property
+    def outer_slices(self) -> Tuple[slice, slice]:
+        return slice(self.outer_begin[0], self.outer_end[0]), slice(self.outer_begin[1], self.outer_end[1])
+
+    @property
+    def outer_shape(self) -> Pair:
+        return self.outer_end[0] - self.outer_begin[0], self.outer_end[1] - self.outer_begin[1]
+
+    @property
+    def inner_local_slices(self) -> Tuple[slice, slice]:
+        """The inner block in the frame of the outer block."""
+        (y0, x0), (oy, ox) = self.begin, self.outer_begin
+        return slice(y0 - oy, self.end[0] - oy), slice(x0 - ox, self.end[1] - ox)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """micro-sam's tiling of an image of ``shape`` (h, w) into ``tile_shape`` tiles with ``halo``."""
+
+    shape: Pair
+    tile_shape: Pair
+    halo: Pair
+
+    @classmethod
+    def create(cls, shape: Sequence[int], tile_shape: PairLike, halo: PairLike) -> "Tiling":
+        shape = as_pair(tuple(shape)[:2], "image shape", minimum=1)
+        return cls(shape, as_pair(tile_shape, "tile_shape", minimum=1), as_pair(halo, "halo", minimum=0))
+
+    @property
+    def grid(self) -> Pair:
+        """Number of tiles along y and x."""
+        return math.ceil(self.shape[0] / self.tile_shape[0]), math.ceil(self.shape[1] / self.tile_shape[1])
+
+    def __len__(self) -> int:
+        ny, nx = self.grid
+        return ny * nx
+
+    def tile(self, index: int) -> Tile:
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"tile {index} does not exist: this tiling has {n} tiles")
+        grid_pos = divmod(int(index), self.grid[1])
+        begin = tuple(p * t for p, t in zip(grid_pos, self.tile_shape))
+        end = tuple(min(b + t, s) for b, t, s in zip(begin, self.tile_shape, self.shape))
+        outer_begin = tuple(max(b - h, 0) for b, h in zip(begin, self.halo))
+        outer_end = tuple(min(e + h, s) for e, h, s in zip(end, self.halo, self.shape))
+        return Tile(int(index), begin, end, outer_begin, outer_end)
+
+    def tiles(self) -> Tuple[Tile, ...]:
+        return tuple(self.tile(i) for i in range(len(self)))
+
+    def tile_at(self, y: int, x: int) -> Tile:
+        """The tile whose inner block holds pixel (y, x) (micro-sam's ``coordinates_to_block_id``)."""
+        if not (0 <= y < self.shape[0] and 0 <= x < self.shape[1]):
+            raise ValueError(f"pixel (y={y}, x={x}) lies outside the image of shape {self.shape}")
+        return self.tile((y // self.tile_shape[0]) * self.grid[1] + x // self.tile_shape[1])
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "tile_shape": list(self.tile_shape), "halo": list(self.halo)}
+
+
+class TileFeatures:
+    """Read-only sequence of per-tile features: ``get(t)`` -> (1, 256, 64, 64) float32, loaded on access."""
+
+    def __init__(self, n: int, get: Callable[[int], np.ndarray]):
+        self._n, self._get = n, get
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        if not -self._n <= t < self._n:
+            raise IndexError(f"tile {t} out of range for {self._n} tiles")
+        return self._get(t % self._n)
+
+
+@dataclass(frozen=True, eq=False)
+class TiledEmbeddings:
+    """SAM embeddings of a 2D image, one per tile of ``tiling``.
+
+    ``features[t]`` is tile t's (1, 256, 64, 64) array (a list in memory, or read from a cache on access);
+    ``encoder`` is the image encoder's identity (ONNX weights sha256), "" when unknown (micro-sam caches).
+    """
+
+    tiling: Tiling
+    features: Sequence[np.ndarray]
+    encoder: str
+
+    def __post_init__(self):
+        if len(self.features) != len(self.tiling):
+            raise ValueError(f"{len(self.features)} tile features for a tiling of {len(self.tiling)} tiles")
+
+    @property
+    def original_shape(self) -> Pair:
+        return self.tiling.shape
+
+    def __len__(self) -> int:
+        return len(self.tiling)
+
+    def tile_embeddings(self, t: int) -> Embeddings:
+        """Tile t as ordinary ``Embeddings`` of its outer block (prompts in the outer block's frame)."""
+        features = self.features[t]
+        if features is None:
+            raise ValueError(f"tile {t} has no embeddings (micro-sam skips tiles outside its mask)")
+        return Embeddings(features=np.asarray(features), original_shape=self.tiling.tile(t).outer_shape,
+                          encoder=self.encoder)
+
+
+@dataclass(frozen=True, eq=False)
+class StackEmbeddings:
+    """Embeddings of a stack of 2D images (z-slices or time points), computed per slice.
+
+    ``stack[z]`` is slice z's ``Embeddings`` (``tiling`` None) or ``TiledEmbeddings``; slices are read on
+    access when the stack comes from a cache. ``get(z, t)`` gives the features of slice z (tile t).
+    """
+
+    n_slices: int
+    image_shape: Pair
+    tiling: Optional[Tiling]
+    encoder: str
+    get: Callable[[int, int], np.ndarray]
+
+    def __len__(self) -> int:
+        return self.n_slices
+
+    def __getitem__(self, z: int) -> Union[Embeddings, TiledEmbeddings]:
+        if not -self.n_slices <= z < self.n_slices:
+            raise IndexError(f"slice {z} out of range for a stack of {self.n_slices} slices")
+        z = int(z) % self.n_slices
+        if self.tiling is None:
+            return Embeddings(features=np.asarray(self.get(z, 0)), original_shape=self.image_shape,
+                              encoder=self.encoder)
+        return TiledEmbeddings(self.tiling, TileFeatures(len(self.tiling), lambda t: self.get(z, t)), self.encoder)
+
+    @classmethod
+    def in_memory(cls, features: List[List[np.ndarray]], image_shape: Pair, tiling: Optional[Tiling], encoder: str):
+        return cls(len(features), tuple(image_shape), tiling, encoder, lambda z, t: features[z][t])
+
+
+def check_image_2d(image, what: str = "image") -> None:
+    """Cheap up-front checks of a 2D image (H, W) or (H, W, C); the full ones run per tile (``to_rgb``)."""
+    shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", None)
+    if shape is None or dtype is None:
+        raise ValueError(f"{what} must be an array with shape and dtype, got {type(image).__name__}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{what} must be 2D, (H, W) or (H, W, C) with channels last, got shape {tuple(shape)}; "
+                         "for a 3D stack or time series use compute_stack_embeddings")
+    if np.dtype(dtype).kind not in "biuf":
+        raise ValueError(f"{what} must be numeric, got dtype {dtype}")
+    if 0 in tuple(shape):
+        raise ValueError(f"{what} is empty: shape {tuple(shape)}")
+
+
+def check_stack(volume) -> None:
+    shape, dtype = getattr(volume, "shape", None), getattr(volume, "dtype", None)
+    if shape is None or dtype is None:
+        raise ValueError(f"volume must be an array with shape and dtype, got {type(volume).__name__}")
+    if len(shape) not in (3, 4):
+        raise ValueError(f"volume must be (z, y, x) or (z, y, x, c), got shape {tuple(shape)}")
+    check_image_2d(volume[0], "each slice of the volume")
+
+
+def encode(model: SamModel, image) -> np.ndarray:
+    """One image (tile or slice) -> its (1, 256, 64, 64) features; reads only that region of ``image``."""
+    return compute_embeddings(model, np.asarray(image)).features
+
+
+def progress_bar(total: int, done: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit="tile", disable=not enabled, leave=False)
+
+
+def iterate_items(n_slices: int, tiling: Optional[Tiling]) -> Iterable[Tuple[int, int]]:
+    for z in range(n_slices):
+        for t in range(1 if tiling is None else len(tiling)):
+            yield z, t
+
+
+def item_input(data, z: Optional[int], tiling: Optional[Tiling], t: int):
+    """The region of ``data`` that item (z, t) is computed from (z None: ``data`` is one 2D image)."""
+    plane = data if z is None else data[z]
+    return plane if tiling is None else plane[tiling.tile(t).outer_slices]
+
+
+def compute_tiled_embeddings(model: SamModel, image, *, tile_shape: PairLike, halo: PairLike, cache=None,
+                             progress: bool = True) -> TiledEmbeddings:
+    """Embeddings of a 2D image (H, W) or (H, W, C), one per tile, in micro-sam's tiling.
+
+    tile_shape, halo: (y, x) or one int for both. cache: a path (or an open ``EmbeddingCache``) of a
+    persistent embedding cache (see ``usam_bioimageio.cache``): tiles already there are reused, the others
+    computed and written one at a time; the result then reads tiles from the cache on access.
+    ``image`` may be any array-like with ``shape``, ``dtype`` and slicing (numpy, memmap, zarr): only one
+    outer tile is read at a time (except for the cache's data hash, which reads it in blocks).
+    """
+    check_image_2d(image)
+    tiling = Tiling.create(image.shape[:2], tile_shape, halo)
+    if cache is not None:
+        from .cache import cached_embeddings
+
+        return cached_embeddings(model, image, cache, tile_shape=tiling.tile_shape, halo=tiling.halo,
+                                 progress=progress)
+    features = []
+    with progress_bar(len(tiling), 0, "embeddings (tiles)", progress) as bar:
+        for t in range(len(tiling)):
+            features.append(encode(model, item_input(image, None, tiling, t)))
+            bar.update()
+    return TiledEmbeddings(tiling, features, model.encoder_identity)
+
+
+def compute_stack_embeddings(model: SamModel, volume, *, tile_shape: Optional[PairLike] = None,
+                             halo: Optional[PairLike] = None, cache=None, progress: bool = True) -> StackEmbeddings:
+    """Embeddings of a 3D stack or time series (z, y, x) / (z, y, x, c): one per slice, optionally tiled.
+
+    Each slice is embedded as a 2D image of its own (micro-sam's ``precompute_image_embeddings`` for 3D
+    data); ``tile_shape`` and ``halo`` (both or neither) tile every slice alike. ``cache`` as in
+    ``compute_tiled_embeddings``; only one slice (or tile) is read from ``volume`` at a time.
+    """
+    check_stack(volume)
+    if (tile_shape is None) != (halo is None):
+        raise ValueError("give tile_shape and halo together (halo 0 for tiles without overlap), or neither")
+    tiling = None if tile_shape is None else Tiling.create(volume.shape[1:3], tile_shape, halo)
+    if cache is not None:
+        from .cache import cached_embeddings
+
+        return cached_embeddings(model, volume, cache, stack=True,
+                                 tile_shape=None if tiling is None else tiling.tile_shape,
+                                 halo=None if tiling is None else tiling.halo, progress=progress)
+    n = int(volume.shape[0])
+    per_slice = 1 if tiling is None else len(tiling)
+    features: List[List[np.ndarray]] = [[] for _ in range(n)]
+    with progress_bar(n * per_slice, 0, "embeddings (slices)", progress) as bar:
+        for z, t in iterate_items(n, tiling):
+            features[z].append(encode(model, item_input(volume, z, tiling, t)))
+            bar.update()
+    return StackEmbeddings.in_memory(features, tuple(volume.shape[1:3]), tiling, model.encoder_identity)
