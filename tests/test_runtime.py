@@ -79,6 +79,19 @@ def test_package_from_zip_url_and_rdf_url(vit_t_family, http_root, model, image,
     assert np.array_equal(a, b)
 
 
+def test_package_from_bioimageio_id(vit_t_family, http_root, monkeypatch):
+    """An id resolves to <collection>/<id>/files/rdf.yaml (served here from 127.0.0.1)."""
+    from usam_bioimageio import packages
+
+    root, base = http_root
+    with zipfile.ZipFile(vit_t_family[0] / "image_encoder.zip") as zf:
+        zf.extractall(root / "affable-encoder" / "files")
+    monkeypatch.setattr(packages, "BIOIMAGEIO_RDF_URL", base + "/{id}/files/rdf.yaml")
+    package = load_package("affable-encoder")
+    assert package.kind == "image_encoder"
+    assert package.identity == load_package(vit_t_family[0] / "image_encoder.zip").identity
+
+
 def test_wrong_sha256_is_refused(vit_t_family, tmp_path):
     zip_path = vit_t_family[0] / "image_encoder.zip"
     with pytest.raises(PackageError, match="sha256"):
