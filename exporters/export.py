@@ -189,6 +189,10 @@ def export_family(
         embeddings = _encoder_package(ckpt, sample, name, files["image_encoder"], formats, work)
         encoder_sha = load_package(files["image_encoder"]).identity
         _decoder_package(ckpt, sample, embeddings, encoder_sha, name, files["prompt_decoder"], formats, work)
+        if ckpt.decoder_state is not None:  # µSAM checkpoints with an AIS decoder
+            from .export_ais import write_ais_packages
+
+            write_ais_packages(ckpt, sample, embeddings, encoder_sha, name, files, formats, work)
         manifest = {
             "name": name,
             "model_type": ckpt.model_type,

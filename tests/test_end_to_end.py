@@ -53,7 +53,6 @@ def test_vit_t_embeddings_equal_sampredictor(vit_t_family):
     _check_embeddings(family, state, "vit_t", real_images())
 
 
-@pytest.mark.slow
 def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
     family, state = vit_b_family
     images = real_images()

@@ -49,7 +49,7 @@ def maps_to_original(maps: np.ndarray, original_shape: Sequence[int]) -> np.ndar
     rows = _resize_matrix(h, new_h)  # (H, new_h)
     cols = _resize_matrix(w, new_w)  # (W, new_w)
     cropped = maps[..., :new_h, :new_w]
-    if h * new_w <= w * new_h:  # cheaper axis first
+    if h * new_w * (new_h + w) <= new_h * w * (new_w + h):  # the cheaper order of the two products
         return np.matmul(np.matmul(rows, cropped), cols.T)
     return np.matmul(rows, np.matmul(cropped, cols.T))
 

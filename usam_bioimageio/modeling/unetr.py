@@ -27,6 +27,9 @@ final_activation="Sigmoid", use_skip_connection=False, resize_input=True, use_co
   then go unused). :class:`BatchNorm2d` does the same without touching the state (``batch_statistics``,
   default True); ``batch_statistics=False`` uses the running statistics, as µSAM's own bioimage.io export
   (``predictor.eval()``) and torch_em's validation do. InstanceNorm (no running statistics) is unaffected.
+- **Norms written out**: :class:`InstanceNorm2d` and :class:`BatchNorm2d` compute their statistics as means
+  of row means, which gives torch's values to float32 rounding; ONNX Runtime's ``InstanceNormalization``
+  and single ``ReduceMean`` over a 1024 x 1024 plane are off by up to ~3e-3, which this avoids.
 - **Output** ``UNETR.postprocess_masks``: the (B, 3, 1024, 1024) maps are interpolated to 1024 x 1024
   (bilinear, align_corners=False: an identity here), cropped to the resized size (SAM's padding removed)
   and interpolated bilinearly (align_corners=False, no antialiasing) to the original size.
@@ -56,6 +59,8 @@ __all__ = [
     "AIS_OUT_CHANNELS",
     "AIS_CHANNEL_NAMES",
     "AisDecoder",
+    "BatchNorm2d",
+    "InstanceNorm2d",
     "build_ais_decoder",
     "load_ais_decoder",
     "maps_to_original",
@@ -72,16 +77,37 @@ DEPTH = 3
 GAIN = 2
 
 
+def _plane_mean(x: Tensor) -> Tensor:
+    """Mean over the last two axes, as a mean of row means (keepdim).
+
+    The same value as ``x.mean((2, 3))`` to float32 rounding, but ONNX Runtime's ``ReduceMean`` (and its
+    ``InstanceNormalization``) sum large planes with growing float32 error (relative errors of 1e-3 over
+    1024 x 1024 planes); two reductions of at most 1024 elements each stay within ~1e-6.
+    """
+    return torch.mean(torch.mean(x, dim=3, keepdim=True), dim=2, keepdim=True)
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d(c)`` (no affine, no running statistics: nothing in the state dict), written out as
+    ``(x - mean) / sqrt(mean((x - mean)^2) + eps)`` over each image and channel with :func:`_plane_mean`,
+    so that ONNX keeps torch's precision (see there)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        centered = x - _plane_mean(x)
+        var = _plane_mean(centered * centered)
+        return centered * torch.rsqrt(var + self.eps)
+
+
 class ConvBlock2d(nn.Module):
     """torch_em ``ConvBlock2d`` with its default ``norm="InstanceNorm"``."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            nn.InstanceNorm2d(in_channels),
+            InstanceNorm2d(in_channels),
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
-            nn.InstanceNorm2d(out_channels),
+            InstanceNorm2d(out_channels),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
         )
@@ -150,9 +176,9 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.batch_statistics:
             return super().forward(x)
-        mean = torch.mean(x, dim=[0, 2, 3], keepdim=True)
+        mean = torch.mean(_plane_mean(x), dim=0, keepdim=True)
         centered = x - mean
-        var = torch.mean(centered * centered, dim=[0, 2, 3], keepdim=True)
+        var = torch.mean(_plane_mean(centered * centered), dim=0, keepdim=True)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
         return centered * scale + self.bias.view(1, -1, 1, 1)
 
