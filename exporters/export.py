@@ -33,6 +33,12 @@ SAM_CREDIT = (
 )
 
 
+def embedding_axes() -> list:
+    """Axes of the (1, 256, 64, 64) embeddings tensor, shared by every package that produces or reads it."""
+    return [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
+            Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)]
+
+
 def _family_config(checkpoint: Checkpoint, name: str, kind: str, **extra) -> dict:
     return {
         "kind": kind,
@@ -82,8 +88,7 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
         inputs=[TensorSpec("image", "2D image, channels r, g, b (gray replicated), raw pixel values of any range",
                            [Batch(1), channel("r", "g", "b"), Space("y", ANY), Space("x", ANY)], data=x)],
         outputs=[TensorSpec("embeddings", "SAM image embeddings",
-                            [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
-                             Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)])],
+                            embedding_axes())],
         onnx_dynamic_axes={"image": {2: "y", 3: "x"}},
         output_path=out,
         name=f"{name} image encoder",
@@ -121,8 +126,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
         module=model,
         inputs=[
             TensorSpec("embeddings", "image embeddings from the family's image encoder",
-                       [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
-                        Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)], data=embeddings),
+                       embedding_axes(), data=embeddings),
             TensorSpec("point_coords", "prompt points (x, y) in original image pixels; box corners as two points",
                        [Index("o", ANY, "objects"), Index("p", ANY, "points per object"), channel("x", "y")],
                        data=inputs["point_coords"]),

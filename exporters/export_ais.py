@@ -29,6 +29,7 @@ from usam_bioimageio.overlay import overlay
 
 from .checkpoints import Checkpoint
 from .describe import ANY, ArchitectureSpec, Batch, Ref, Space, TensorSpec, channel
+from .export import embedding_axes
 from .package import write_package
 from .samples import Sample
 
@@ -235,12 +236,11 @@ def write_ais_packages(
     with torch.no_grad():
         padded = head(torch.from_numpy(embeddings)).numpy()
     head_cover = _cover(sample, padded_maps_to_original(padded[0], (h, w)), work, "ais_head")
-    size, emb = registry.IMAGE_SIZE, registry.EMBEDDING_SIZE
+    size = registry.IMAGE_SIZE
     write_package(
         module=head,
         inputs=[TensorSpec("embeddings", "image embeddings from the family's image encoder",
-                           [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
-                            Space("y", emb), Space("x", emb)], data=embeddings)],
+                           embedding_axes(), data=embeddings)],
         outputs=[TensorSpec("padded_maps", "AIS maps (foreground, centre / boundary distances; 0..1) in SAM's padded "
                             "1024x1024 frame; crop + resize: see the documentation",
                             [Batch(1), maps_channels, Space("y", size), Space("x", size)])],
