@@ -45,40 +45,18 @@ print("RESULT" + json.dumps(out))
 """
 
 MICRO_SAM = r"""
-import importlib.abc, importlib.machinery, json, resource, sys, time, types
+import json, resource, sys, time
 args = json.loads(sys.argv[1])
-sys.path.insert(0, args["root"])
-try:
-    import torchvision  # noqa: F401
-except Exception:  # CPU-only torch without torchvision: the test stand-ins (tests/_shims) and stubs
-    for m in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
-        del sys.modules[m]
-    sys.path.insert(0, args["root"] + "/tests/_shims")
-
-    class Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path, target=None):
-            if name.startswith("torchvision."):
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = types.ModuleType(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            pass
-    sys.meta_path.append(Stubs())
+sys.path.insert(0, args["root"] + "/scripts")
+from ais_decoder_reference import _refresh_attention_bias_cache, _setup_imports  # torchvision stand-ins
+_setup_imports()
 import numpy as np
 import torch
 from micro_sam.util import get_sam_model, precompute_image_embeddings
 torch.set_num_threads(args["threads"])
 image = np.load(args["image"], mmap_mode="r")
 predictor = get_sam_model(model_type=args["model_type"], checkpoint_path=args["checkpoint"], device="cpu")
-for module in predictor.model.modules():  # MobileSAM's attention-bias cache, refreshed from the loaded weights
-    if hasattr(module, "ab") and hasattr(module, "attention_biases"):
-        with torch.no_grad():
-            module.ab.copy_(module.attention_biases[:, module.attention_bias_idxs])
+_refresh_attention_bias_cache(predictor.model)  # MobileSAM's attention-bias cache, from the loaded weights
 t = time.perf_counter()
 with torch.no_grad():
     precompute_image_embeddings(predictor, image, save_path=args["cache"], tile_shape=(args["tile"],) * 2,

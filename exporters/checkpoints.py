@@ -244,6 +244,23 @@ def load_checkpoint(
     return Checkpoint(model_type=detected, sam_state=sam_state, decoder_state=decoder_state, source=label)
 
 
+def as_micro_sam_infers(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint as micro-sam (and MobileSAM's ``build_sam_vit_t``) run it at inference: for vit_t, every
+    TinyViT ``attention_biases`` table set to zero; other model types unchanged.
+
+    Why: MobileSAM's attention caches its bias table (``ab``) when ``eval()`` is called, and both builders call
+    ``eval()`` on the freshly initialised model (biases zero) before they load the weights; nothing refreshes
+    the cache afterwards, so their vit_t inference ignores the loaded biases. Our packages use the loaded
+    biases by default (the weights as trained: training mode reads the live table); this gives the numbers
+    micro-sam gives instead.
+    """
+    if ckpt.model_type != "vit_t":
+        return ckpt
+    state = {k: (torch.zeros_like(v) if k.endswith(".attention_biases") else v) for k, v in ckpt.sam_state.items()}
+    return Checkpoint(model_type=ckpt.model_type, sam_state=state, decoder_state=ckpt.decoder_state,
+                      source=f"{ckpt.source} (attention biases as micro-sam infers: zero)")
+
+
 def save_checkpoint(
     path: Union[str, os.PathLike],
     *,

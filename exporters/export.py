@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
 
 from usam_bioimageio import __version__, registry
 from usam_bioimageio.download import sha256_of
@@ -21,7 +22,7 @@ from usam_bioimageio.preprocess import upscale_masks
 from usam_bioimageio.prompts import build_decoder_inputs
 
 from . import modules
-from .checkpoints import Checkpoint, load_checkpoint
+from .checkpoints import Checkpoint, as_micro_sam_infers, load_checkpoint
 from .describe import ANY, ArchitectureSpec, Batch, Index, Ref, Space, TensorSpec, channel
 from .package import DEFAULT_FORMATS, write_package
 from .samples import Sample, load_sample, synthetic_sample
@@ -62,7 +63,8 @@ def _save_png(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
-def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, formats: Sequence[str], work: Path) -> np.ndarray:
+def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, formats: Sequence[str], work: Path,
+                     test: bool = True) -> np.ndarray:
     model = modules.image_encoder(ckpt)
     x = image_to_input(sample.image)
     with torch.no_grad():
@@ -84,6 +86,7 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
 
     write_package(
         module=model,
+        test=test,
         torchscript=modules.script_image_encoder(model) if "torchscript" in formats else None,
         inputs=[TensorSpec("image", "2D image, channels r, g, b (gray replicated), raw pixel values of any range",
                            [Batch(1), channel("r", "g", "b"), Space("y", ANY), Space("x", ANY)], data=x)],
@@ -105,7 +108,7 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
 
 
 def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, encoder_sha: str, name: str,
-                     out: Path, formats: Sequence[str], work: Path) -> None:
+                     out: Path, formats: Sequence[str], work: Path, test: bool = True) -> None:
     model = modules.prompt_decoder(ckpt)
     h, w = sample.image.shape[:2]
     inputs = build_decoder_inputs((h, w), points=sample.points, point_labels=np.ones(sample.points.shape[:2]),
@@ -124,6 +127,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
     tokens = channel(*[f"mask{i}" for i in range(n_tok)])
     write_package(
         module=model,
+        test=test,
         inputs=[
             TensorSpec("embeddings", "image embeddings from the family's image encoder",
                        embedding_axes(), data=embeddings),
@@ -172,16 +176,28 @@ def export_family(
     sample_labels: Optional[Union[str, os.PathLike]] = None,
     formats: Sequence[str] = DEFAULT_FORMATS,
     overwrite: bool = False,
+    vit_t_attention_biases: str = "loaded",
+    progress: bool = False,
+    test: bool = True,
 ) -> Path:
-    """Export the image encoder and prompt decoder packages of a checkpoint into ``output_dir``.
+    """Export the image encoder and prompt decoder packages of a checkpoint into ``output_dir`` (and the AIS
+    packages when the checkpoint has a ``decoder_state``).
 
     Every package passes bioimageio.core's test for every format before it is written; the folder appears
     only when all packages and ``family.yaml`` are complete. Without a sample image, a synthetic one is used.
+    ``vit_t_attention_biases``: "loaded" (default, the weights as trained) or "micro_sam" (zero, as micro-sam
+    and MobileSAM's builder run vit_t at inference; see ``checkpoints.as_micro_sam_infers``).
+    ``progress``: a progress bar over the packages. ``test=False`` skips the bioimageio.core gate: only for
+    test fixtures and benchmarks of packages whose format is gated elsewhere; never for packages we ship.
     """
+    if vit_t_attention_biases not in ("loaded", "micro_sam"):
+        raise ValueError(f"vit_t_attention_biases must be 'loaded' or 'micro_sam', got {vit_t_attention_biases!r}")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, model_type=model_type)
+    if vit_t_attention_biases == "micro_sam":
+        ckpt = as_micro_sam_infers(ckpt)
     name = name or (Path(str(checkpoint)).stem if not isinstance(checkpoint, Checkpoint) else ckpt.model_type)
     sample = load_sample(sample_image, sample_labels) if sample_image else synthetic_sample()
 
@@ -190,13 +206,22 @@ def export_family(
     work = Path(tempfile.mkdtemp(prefix="usam-export-"))
     try:
         files = {"image_encoder": staging / "image_encoder.zip", "prompt_decoder": staging / "prompt_decoder.zip"}
-        embeddings = _encoder_package(ckpt, sample, name, files["image_encoder"], formats, work)
-        encoder_sha = load_package(files["image_encoder"]).identity
-        _decoder_package(ckpt, sample, embeddings, encoder_sha, name, files["prompt_decoder"], formats, work)
-        if ckpt.decoder_state is not None:  # µSAM checkpoints with an AIS decoder
-            from .export_ais import write_ais_packages
+        steps = 3 if ckpt.decoder_state is not None else 2
+        with tqdm(total=steps, desc=f"export {name}", unit="package", disable=not progress) as bar:
+            bar.set_postfix_str("image encoder (export + bioimageio test)")
+            embeddings = _encoder_package(ckpt, sample, name, files["image_encoder"], formats, work, test)
+            encoder_sha = load_package(files["image_encoder"]).identity
+            bar.update()
+            bar.set_postfix_str("prompt decoder")
+            _decoder_package(ckpt, sample, embeddings, encoder_sha, name, files["prompt_decoder"], formats, work,
+                             test)
+            bar.update()
+            if ckpt.decoder_state is not None:  # µSAM checkpoints with an AIS decoder
+                from .export_ais import write_ais_packages
 
-            write_ais_packages(ckpt, sample, embeddings, encoder_sha, name, files, formats, work)
+                bar.set_postfix_str("AIS and AIS head")
+                write_ais_packages(ckpt, sample, embeddings, encoder_sha, name, files, formats, work, test=test)
+                bar.update()
         manifest = {
             "name": name,
             "model_type": ckpt.model_type,

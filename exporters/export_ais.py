@@ -201,6 +201,9 @@ def write_ais_packages(
     files: Dict[str, Path],
     formats: Sequence[str],
     work: Path,
+    *,
+    kinds: Sequence[str] = AIS_KINDS,
+    test: bool = True,
 ) -> Dict[str, Path]:
     """Write ``ais.zip`` and ``ais_head.zip`` of ``checkpoint`` (which must have a ``decoder_state``).
 
@@ -215,13 +218,18 @@ def write_ais_packages(
             if absent, put next to ``files["image_encoder"]`` as ``ais.zip`` / ``ais_head.zip`` and added to it.
         formats: weight formats.
         work: scratch folder for covers.
+        kinds: which of the two packages to write (default both).
+        test: gate each package with bioimageio.core's test (default; ``False`` only for test fixtures).
 
     Returns ``files`` (updated).
     """
+    unknown = set(kinds) - set(AIS_KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {AIS_KINDS}, got {tuple(kinds)}")
     state = _decoder_state(checkpoint)
     conv_t = uses_conv_transpose(state)
     folder = Path(files["image_encoder"]).parent if "image_encoder" in files else Path(work)
-    for kind in AIS_KINDS:
+    for kind in kinds:
         files.setdefault(kind, folder / f"{kind}.zip")
     h, w = sample.image.shape[:2]
     arch_kwargs = {"model_type": checkpoint.model_type, "use_conv_transpose": conv_t,
@@ -237,52 +245,56 @@ def write_ais_packages(
         padded = head(torch.from_numpy(embeddings)).numpy()
     head_cover = _cover(sample, padded_maps_to_original(padded[0], (h, w)), work, "ais_head")
     size = registry.IMAGE_SIZE
-    write_package(
-        module=head,
-        inputs=[TensorSpec("embeddings", "image embeddings from the family's image encoder",
-                           embedding_axes(), data=embeddings)],
-        outputs=[TensorSpec("padded_maps", "AIS maps (foreground, centre / boundary distances; 0..1) in SAM's padded "
-                            "1024x1024 frame; crop + resize: see the documentation",
-                            [Batch(1), maps_channels, Space("y", size), Space("x", size)])],
-        output_path=files["ais_head"],
-        name=f"{name} AIS head",
-        description=f"µSAM automatic instance segmentation decoder ({checkpoint.model_type}) on the family's image "
-                    f"embeddings -> foreground / centre distance / boundary distance maps. {CREDIT}",
-        authors=AUTHORS,
-        architecture=ArchitectureSpec(callable="AisHeadModel", import_from="usam_bioimageio.modeling.packaged",
-                                      kwargs=arch_kwargs),
-        formats=formats,
-        tags=tags + ["decoder"],
-        documentation=_documentation("ais_head", name, checkpoint.model_type),
-        covers=[head_cover],
-        config=_config(checkpoint, name, "ais_head", conv_t, output_frame="padded",
-                       image_encoder={"name": f"{name} image encoder", "onnx_sha256": encoder_sha}),
-    )
+    if "ais_head" in kinds:
+        write_package(
+            module=head,
+            inputs=[TensorSpec("embeddings", "image embeddings from the family's image encoder",
+                               embedding_axes(), data=embeddings)],
+            outputs=[TensorSpec("padded_maps", "AIS maps (foreground, centre / boundary distances; 0..1) in SAM's padded "
+                                "1024x1024 frame; crop + resize: see the documentation",
+                                [Batch(1), maps_channels, Space("y", size), Space("x", size)])],
+            output_path=files["ais_head"],
+            name=f"{name} AIS head",
+            description=f"µSAM automatic instance segmentation decoder ({checkpoint.model_type}) on the family's image "
+                        f"embeddings -> foreground / centre distance / boundary distance maps. {CREDIT}",
+            authors=AUTHORS,
+            architecture=ArchitectureSpec(callable="AisHeadModel", import_from="usam_bioimageio.modeling.packaged",
+                                          kwargs=arch_kwargs),
+            formats=formats,
+            test=test,
+            tags=tags + ["decoder"],
+            documentation=_documentation("ais_head", name, checkpoint.model_type),
+            covers=[head_cover],
+            config=_config(checkpoint, name, "ais_head", conv_t, output_frame="padded",
+                           image_encoder={"name": f"{name} image encoder", "onnx_sha256": encoder_sha}),
+        )
 
-    # ais: image -> maps at the image size
-    # (the cover of ais_head shows the same maps: the head's, resized as the ais graph resizes them)
-    model = ais_model(checkpoint)
-    x = image_to_input(sample.image)
-    write_package(
-        module=model,
-        torchscript=script_ais_model(model) if "torchscript" in formats else None,
-        inputs=[TensorSpec("image", "2D image, channels r, g, b (gray replicated), raw pixel values of any range",
-                           [Batch(1), channel("r", "g", "b"), Space("y", ANY), Space("x", ANY)], data=x)],
-        outputs=[TensorSpec("maps", "AIS maps (foreground, centre / boundary distances; 0..1) at the image size, "
-                            "the input of µSAM's post-processing",
-                            [Batch(1), maps_channels, Space("y", Ref("image", "y")), Space("x", Ref("image", "x"))])],
-        onnx_dynamic_axes={"image": {2: "y", 3: "x"}, "maps": {2: "y", 3: "x"}},
-        output_path=files["ais"],
-        name=f"{name} AIS",
-        description=f"µSAM automatic instance segmentation ({checkpoint.model_type}), end to end: any 2D image -> "
-                    f"foreground / centre distance / boundary distance maps at the image size. {CREDIT}",
-        authors=AUTHORS,
-        architecture=ArchitectureSpec(callable="AisModel", import_from="usam_bioimageio.modeling.packaged",
-                                      kwargs=arch_kwargs),
-        formats=formats,
-        tags=tags,
-        documentation=_documentation("ais", name, checkpoint.model_type),
-        covers=[head_cover],
-        config=_config(checkpoint, name, "ais", conv_t, output_frame="image", sample=sample.source),
-    )
+    if "ais" in kinds:
+        # ais: image -> maps at the image size
+        # (the cover of ais_head shows the same maps: the head's, resized as the ais graph resizes them)
+        model = ais_model(checkpoint)
+        x = image_to_input(sample.image)
+        write_package(
+            module=model,
+            torchscript=script_ais_model(model) if "torchscript" in formats else None,
+            inputs=[TensorSpec("image", "2D image, channels r, g, b (gray replicated), raw pixel values of any range",
+                               [Batch(1), channel("r", "g", "b"), Space("y", ANY), Space("x", ANY)], data=x)],
+            outputs=[TensorSpec("maps", "AIS maps (foreground, centre / boundary distances; 0..1) at the image size, "
+                                "the input of µSAM's post-processing",
+                                [Batch(1), maps_channels, Space("y", Ref("image", "y")), Space("x", Ref("image", "x"))])],
+            onnx_dynamic_axes={"image": {2: "y", 3: "x"}, "maps": {2: "y", 3: "x"}},
+            output_path=files["ais"],
+            name=f"{name} AIS",
+            description=f"µSAM automatic instance segmentation ({checkpoint.model_type}), end to end: any 2D image -> "
+                        f"foreground / centre distance / boundary distance maps at the image size. {CREDIT}",
+            authors=AUTHORS,
+            architecture=ArchitectureSpec(callable="AisModel", import_from="usam_bioimageio.modeling.packaged",
+                                          kwargs=arch_kwargs),
+            formats=formats,
+            test=test,
+            tags=tags,
+            documentation=_documentation("ais", name, checkpoint.model_type),
+            covers=[head_cover],
+            config=_config(checkpoint, name, "ais", conv_t, output_frame="image", sample=sample.source),
+        )
     return files

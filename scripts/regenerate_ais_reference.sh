@@ -55,3 +55,5 @@ fi
 "$VENV/bin/python" scripts/ais_reference.py "$OUT"
 # µSAM's AIS decoder maps (UNETR through micro_sam, seeded vit_t weights) -> tests/data/ais_decoder_reference
 "$VENV/bin/python" scripts/ais_decoder_reference.py "${DECODER_OUT:-tests/data/ais_decoder_reference}"
+# torch_em's AIS training targets (PerObjectDistanceTransform) of real label crops -> tests/data
+"$VENV/bin/python" scripts/distance_targets_reference.py tests/data

@@ -33,7 +33,7 @@ def usam_cache(tmp_path_factory):
     return path
 
 
-def _export(tmp_path_factory, model_type, formats=None):
+def _export(tmp_path_factory, model_type, formats=None, test=True):
     from usam_bioimageio.modeling import seeded_sam
     from usam_exporters.checkpoints import save_checkpoint
     from usam_exporters.export import export_family
@@ -44,7 +44,8 @@ def _export(tmp_path_factory, model_type, formats=None):
     sid = dsb_test_ids()[0]
     family = export_family(checkpoint=root / f"{model_type}.pt", output_dir=root / "family",
                            name=f"{model_type}_random", sample_image=DSB / "images" / f"{sid}.png",
-                           sample_labels=DSB / "labels" / f"{sid}.tif", **({"formats": formats} if formats else {}))
+                           sample_labels=DSB / "labels" / f"{sid}.tif", test=test,
+                           **({"formats": formats} if formats else {}))
     return family, state
 
 
@@ -56,9 +57,10 @@ def vit_t_family(tmp_path_factory, usam_cache, data_dir):
 
 @pytest.fixture(scope="session")
 def vit_b_family(tmp_path_factory, usam_cache, data_dir):
-    """vit_b without pytorch_state_dict weights: the gate for that format is shown on vit_t, and each gated
-    format costs four vit_b encoder runs."""
-    return _export(tmp_path_factory, "vit_b", formats=("onnx", "torchscript"))
+    """vit_b ONNX and torchscript weights, not gated by bioimageio.core: the gate of every format is shown on
+    vit_t (same exporter code), and gating vit_b costs several vit_b encoder runs per format in CI. The slow
+    tests export vit_b gated (``test_vit_b_export_is_gated``)."""
+    return _export(tmp_path_factory, "vit_b", formats=("onnx", "torchscript"), test=False)
 
 
 def real_images():
@@ -74,3 +76,85 @@ def real_images():
         ("dsb_rgb", read_image(DSB / "images" / f"{dsb_test_ids()[1]}.png")),
         ("bacteria_1305x1009", tifffile.imread(bacteria[0])),
     ]
+
+
+def training_crops(n: int = 12, n_min: int = 3):
+    """128 x 128 crops (image, labels) of the first ``n`` DSB2018 train images with >= ``n_min`` objects."""
+    import tifffile
+
+    from usam_bioimageio.io import read_image
+
+    ids = json.loads((DSB / "splits.json").read_text())["train"][:n]
+    out = []
+    for sid in ids:
+        image = read_image(DSB / "images" / f"{sid}.png")
+        labels = tifffile.imread(DSB / "labels" / f"{sid}.tif")
+        crop = labels[:128, :128]
+        if len(np.unique(crop)) - 1 >= n_min:
+            out.append((image[:128, :128], crop))
+    return out
+
+
+AIS_TEST_DECODER_SEED = 3
+
+
+@pytest.fixture(scope="session")
+def vit_t_ais_family(tmp_path_factory, vit_t_family):
+    """The vit_t family plus an ``ais_head`` package (ONNX) of a seeded random UNETR decoder, for runtime tests.
+    Not gated by bioimageio.core (the AIS exports are gated in the slow tests): a fixture, not a product.
+    Returns (folder, decoder state)."""
+    import shutil
+
+    import torch
+    import yaml
+
+    from usam_bioimageio.download import sha256_of
+    from usam_bioimageio.embeddings import image_to_input
+    from usam_bioimageio.modeling.unetr import seeded_ais_decoder_state
+    from usam_bioimageio.packages import FAMILY_FILE, load_package
+    from usam_exporters import modules
+    from usam_exporters.checkpoints import Checkpoint
+    from usam_exporters.export_ais import write_ais_packages
+    from usam_exporters.samples import load_sample
+
+    base, state = vit_t_family
+    folder = tmp_path_factory.mktemp("ais-head") / "family"
+    shutil.copytree(base, folder)
+    decoder_state = seeded_ais_decoder_state("vit_t", AIS_TEST_DECODER_SEED, use_conv_transpose=True)
+    ckpt = Checkpoint(model_type="vit_t", sam_state=state, source="seeded", decoder_state=decoder_state)
+    sid = dsb_test_ids()[0]
+    sample = load_sample(DSB / "images" / f"{sid}.png", DSB / "labels" / f"{sid}.tif")
+    with torch.no_grad():
+        embeddings = modules.image_encoder(ckpt)(torch.from_numpy(image_to_input(sample.image))).numpy()
+    files = {"image_encoder": folder / "image_encoder.zip"}
+    write_ais_packages(ckpt, sample, embeddings, load_package(folder / "image_encoder.zip").identity, "vit_t_random",
+                       files, ("onnx",), tmp_path_factory.mktemp("ais-head-work"), kinds=("ais_head",), test=False)
+    manifest = yaml.safe_load((folder / FAMILY_FILE).read_text())
+    manifest["packages"]["ais_head"] = {"file": files["ais_head"].name, "sha256": sha256_of(files["ais_head"])}
+    (folder / FAMILY_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return folder, decoder_state
+
+
+@pytest.fixture(scope="session")
+def joint_training(tmp_path_factory, usam_cache, data_dir):
+    """A short µSAM joint training run (seeded vit_t, frozen encoder, prompt decoder + AIS decoder; 3 steps on
+    one DSB2018 crop) and the family our exporter makes of its checkpoint (ONNX weights, every package gated
+    by bioimageio.core). Returns (trainer, checkpoint folder, family folder). About 6 min on 2 cores: the AIS
+    decoder's full-resolution layers dominate training and the export's gate."""
+    import torch
+
+    from usam_bioimageio.modeling import seeded_sam
+    from usam_bioimageio.training import TrainConfig, train
+    from usam_exporters.export import export_family
+
+    root = tmp_path_factory.mktemp("joint")
+    torch.set_num_threads(2)
+    config = TrainConfig(model_type="vit_t", n_iterations=1, n_objects=2, batch_size=1, lr=1e-3, epochs=1,
+                         steps_per_epoch=3, seed=0, device="cpu", train_ais_decoder=True, ais_min_size=5)
+    trainer = train(training_crops()[:1], (), config=config, checkpoint_dir=root / "checkpoints",
+                    sam=seeded_sam("vit_t", seed=0), log=None)
+    sid = dsb_test_ids()[0]
+    family = export_family(checkpoint=root / "checkpoints" / "latest.pt", output_dir=root / "family",
+                           name="vit_t_joint", formats=("onnx",), sample_image=DSB / "images" / f"{sid}.png",
+                           sample_labels=DSB / "labels" / f"{sid}.tif")
+    return trainer, root / "checkpoints", family

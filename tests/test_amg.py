@@ -151,8 +151,8 @@ def _stardist_image():
 def test_matches_reference_stardist(models, capsys):
     model, sam = models
     image = _stardist_image()
-    params = AmgParameters(points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.1,
-                           box_nms_thresh=1.0)
+    params = AmgParameters(points_per_side=12, pred_iou_thresh=0.0, stability_score_thresh=0.1,
+                           box_nms_thresh=1.0)  # 12 (not 32) points per side: the reference's time dominates CI
     ours = generate_masks(model, image, params=params)
     summary = assert_same_masks(ours, reference_masks(sam, image, params))
     assert summary["n"] >= 10

@@ -70,6 +70,14 @@ def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
         assert _agreement(ours.masks[0], ref) >= 0.9999
 
 
+@pytest.mark.slow  # ~8 min on 2 cores: vit_b exported with the bioimageio.core gate for both formats
+def test_vit_b_export_is_gated(tmp_path_factory, usam_cache, data_dir):
+    from conftest import _export
+
+    family, _ = _export(tmp_path_factory, "vit_b", formats=("onnx", "torchscript"))  # raises unless passed
+    assert (family / "image_encoder.zip").is_file() and (family / "prompt_decoder.zip").is_file()
+
+
 @pytest.fixture(scope="module")
 def vit_t_setup(vit_t_family):
     family, state = vit_t_family

@@ -70,6 +70,30 @@ def test_image_encoder_matches_reference(model_type, seeded_pairs):
     assert 0.5 < emb.std().item() < 2.0 and emb.abs().max().item() < 20
 
 
+def test_micro_sam_vit_t_inference_ignores_loaded_attention_biases(seeded_pairs):
+    """MobileSAM's builder (which micro-sam uses) caches the attention bias tables at ``eval()`` before it loads
+    the weights: its vit_t computes with zero biases. ``as_micro_sam_infers`` reproduces that exactly; our
+    default (the loaded biases) is what the reference computes once its cache is refreshed."""
+    from reference import mobile_sam
+    from usam_exporters.checkpoints import Checkpoint, as_micro_sam_infers
+
+    ours, refreshed = seeded_pairs("vit_t")
+    official = mobile_sam().sam_model_registry["vit_t"]()
+    official.eval()  # as build_sam_vit_t does, then loads the checkpoint
+    official.load_state_dict(ours.state_dict(), strict=True)
+    ckpt = Checkpoint(model_type="vit_t", sam_state=ours.state_dict(), decoder_state=None, source="seeded")
+    as_musam = build_sam("vit_t")
+    as_musam.load_state_dict(as_micro_sam_infers(ckpt).sam_state, strict=True)
+    x = _encoder_input()
+    with torch.no_grad():
+        got, expected = as_musam.eval().image_encoder(x), official.image_encoder(x)
+        loaded = ours.eval().image_encoder(x)
+    assert _max_diff(got, expected) <= TOL
+    assert _max_diff(loaded, expected) > 1e-3  # the difference is real
+    assert _max_diff(loaded, refreshed.image_encoder(x)) <= TOL
+    assert as_micro_sam_infers(Checkpoint("vit_b", {}, None, "x")).source == "x"  # other types unchanged
+
+
 def _prompt_cases(batch: int = 2):
     """(name, points, boxes, masks) prompt sets in the 1024 x 1024 input frame."""
     g = torch.Generator().manual_seed(2)

@@ -96,9 +96,10 @@ def gray(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else image[..., :3].mean(axis=-1).round().astype(image.dtype)
 
 
-def build_mosaic():
-    """2048 x 2048 from twelve real 520 x 696 DSB2018 test images (4 rows x 3, cropped at the edge) and the
-    stitched labels: the tile borders at 1024 run through images, so objects cross them."""
+def build_mosaic(size: int = 2048):
+    """size x size from real 520 x 696 DSB2018 test images (twelve, repeated and flipped when more are needed;
+    cropped at the edge) and the stitched labels: tile borders at multiples of 1024 run through images, so
+    objects cross them."""
     import tifffile
 
     from usam_bioimageio.io import read_image
@@ -111,12 +112,16 @@ def build_mosaic():
         if len(picked) == 12:
             break
     assert len(picked) == 12
-    mosaic = np.zeros((2048, 2048), np.uint8)
-    labels = np.zeros((2048, 2048), np.uint32)
+    mosaic = np.zeros((size, size), np.uint8)
+    labels = np.zeros((size, size), np.uint32)
     offset = 0
-    for k, (image, lab) in enumerate(picked):
-        y0, x0 = (k // 3) * 520, (k % 3) * 696
-        h, w = min(520, 2048 - y0), min(696, 2048 - x0)
+    n_cols = -(-size // 696)
+    for k in range(-(-size // 520) * n_cols):
+        image, lab = picked[k % 12]
+        if k >= 12:  # a repeated image: flipped, so no two neighbours are equal
+            image, lab = image[::-1, ::(-1) ** (k // 12)], lab[::-1, ::(-1) ** (k // 12)]
+        y0, x0 = (k // n_cols) * 520, (k % n_cols) * 696
+        h, w = min(520, size - y0), min(696, size - x0)
         mosaic[y0:y0 + h, x0:x0 + w] = image[:h, :w]
         lab = lab[:h, :w].astype(np.uint32)
         labels[y0:y0 + h, x0:x0 + w] = np.where(lab > 0, lab + offset, 0)
@@ -531,31 +536,12 @@ def test_tiled_stack_through_a_cache(fake_model, tmp_path):
 # -- micro-sam's caches ----------------------------------------------------------------------------------
 
 MICRO_SAM_CHILD = r"""
-import importlib.abc, importlib.machinery, sys, types
+import sys
 from pathlib import Path
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
-sys.path.insert(0, str(root))
-try:
-    import torchvision  # noqa: F401
-except Exception:  # a CPU-only torch without torchvision: the test stand-ins, and stubs for the rest
-    for m in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-        del sys.modules[m]
-    sys.path.insert(0, str(root / "tests" / "_shims"))
-
-    class Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path, target=None):
-            if name.startswith("torchvision."):
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = types.ModuleType(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            pass
-    sys.meta_path.append(Stubs())
+sys.path.insert(0, str(root / "scripts"))
+from ais_decoder_reference import _setup_imports  # torchvision stand-ins (tests/_shims) when it cannot import
+_setup_imports()
 import numpy as np
 import torch
 from micro_sam import util
@@ -698,3 +684,271 @@ def test_cli_embed_and_segment_with_caches(model, mosaic, stack, small, vit_t_fa
                  str(tmp_path / "prompts.json"), "--embeddings", str(mosaic_cache), "--out",
                  str(tmp_path / "labels2.tif"), "--quiet"]) == 2
     assert "another image" in capsys.readouterr().err
+
+
+# -- automatic segmentation on tiles (AIS, AMG) --------------------------------------------------------
+
+from usam_bioimageio.automatic.amg import (  # noqa: E402
+    AmgParameters,
+    automatic_mask_generation,
+    generate_masks,
+    masks_to_label_image,
+)
+from usam_bioimageio.automatic.ais import instances_from_maps  # noqa: E402
+from usam_bioimageio.automatic.segment import ais_maps, automatic_instance_segmentation  # noqa: E402
+
+# random weights: NMS off within a crop and a low stability threshold, so that many masks come through
+LOOSE_AMG = AmgParameters(points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.1, box_nms_thresh=1.0)
+
+
+@pytest.fixture(scope="module")
+def ais_model(vit_t_ais_family):
+    return SamModel.load(vit_t_ais_family[0])
+
+
+def test_single_tile_ais_and_amg_equal_untiled(ais_model, small):
+    image = small[0]
+    emb = compute_embeddings(ais_model, image)
+    tiled = TiledEmbeddings(Tiling.create(image.shape, 512, 64), [emb.features], emb.encoder)
+    assert len(tiled) == 1
+    maps = ais_maps(ais_model, embeddings=emb)
+    assert np.array_equal(ais_maps(ais_model, embeddings=tiled), maps)
+    labels = automatic_instance_segmentation(ais_model, image, embeddings=tiled)
+    assert labels.max() > 1 and np.array_equal(labels, instances_from_maps(maps))
+    untiled = generate_masks(ais_model, image, embeddings=emb, params=LOOSE_AMG)
+    got = generate_masks(ais_model, image, embeddings=tiled, params=LOOSE_AMG)
+    assert len(untiled) > 3 and len(got) == len(untiled)
+    for a, b in zip(got, untiled):
+        assert np.array_equal(a["segmentation"], b["segmentation"]) and a["bbox"] == b["bbox"]
+    # the label image painted from box crops equals the one painted from the full-size records
+    for kwargs in ({}, {"min_object_size": 20}, {"with_background": False}):
+        assert np.array_equal(automatic_mask_generation(ais_model, image, embeddings=tiled, params=LOOSE_AMG,
+                                                        **kwargs),
+                              masks_to_label_image(untiled, image.shape, **kwargs))
+
+
+def test_tiled_ais_maps_are_the_tiles_interiors(ais_model, vit_t_ais_family, mosaic):
+    """Stitched maps equal, tile by tile, the decoder's maps for the outer tile as an image of its own (here:
+    the eager torch module and torch's crop + resize, not the package and the runtime's numpy resize), on the
+    inner block."""
+    import torch
+
+    from usam_bioimageio.modeling.unetr import load_ais_decoder, maps_to_original
+
+    image, tiled = mosaic[0], mosaic[3]
+    maps = ais_maps(ais_model, embeddings=tiled)
+    assert maps.shape == (3,) + image.shape
+    decoder = load_ais_decoder("vit_t", vit_t_ais_family[1])
+    for tile in tiled.tiling.tiles():
+        with torch.no_grad():
+            padded = decoder(torch.from_numpy(np.asarray(tiled.features[tile.index])))
+            tile_maps = maps_to_original(padded, torch.zeros(tile.outer_shape))[0].numpy()
+        expected = tile_maps[(slice(None),) + tile.inner_local_slices]
+        assert np.abs(maps[(slice(None),) + tile.inner_slices] - expected).max() <= 1e-4, tile
+    assert np.array_equal(automatic_instance_segmentation(ais_model, image, embeddings=tiled),
+                          instances_from_maps(maps))
+
+
+def ideal_maps(labels: np.ndarray) -> np.ndarray:
+    """Maps a perfect AIS decoder would give: foreground, and centre = boundary distance = 1 - the distance to
+    the object's border normalised per object (0 at its centre, 1 at its border)."""
+    from scipy import ndimage
+    from skimage.segmentation import find_boundaries
+
+    fg = labels > 0
+    dist = ndimage.distance_transform_edt(fg & ~find_boundaries(labels, mode="inner"))
+    peak = np.zeros(int(labels.max()) + 1)
+    peak[1:] = ndimage.maximum(dist, labels, np.arange(1, labels.max() + 1))
+    norm = np.where(fg, dist / np.maximum(peak[labels], 1), 0)
+    distances = np.where(fg, 1 - norm, 1).astype(np.float32)
+    return np.stack([fg.astype(np.float32), distances, distances])
+
+
+def tile_naming_features(tiling: Tiling) -> list:
+    """Stand-in tile embeddings: feature [0, 0, 0, 0] holds the tile id, so a stand-in decoder knows its tile."""
+    features = []
+    for t in range(len(tiling)):
+        f = np.zeros((1, 256, 64, 64), np.float32)
+        f[0, 0, 0, 0] = t
+        features.append(f)
+    return features
+
+
+def _to_padded_frame(region: np.ndarray, size: int) -> np.ndarray:
+    """(C, h, w) -> (C, size, size): resized as SAM resizes (longest side to ``size``), zero-padded."""
+    from skimage.transform import resize
+
+    from usam_bioimageio.preprocess import longest_side_shape
+
+    h, w = longest_side_shape(*region.shape[1:])
+    h, w = -(-h * size // 1024), -(-w * size // 1024)
+    out = np.zeros((region.shape[0], size, size), np.float32)
+    out[:, :h, :w] = resize(region.astype(np.float32), (region.shape[0], h, w), order=1, anti_aliasing=size < 1024)
+    return out
+
+
+class IdealHead:
+    """Stands in for the ais_head package: the ideal maps of the features' tile (outer block), in SAM's padded
+    1024 x 1024 frame as the real head's output is."""
+
+    input_names = ("embeddings",)
+
+    def __init__(self, maps: np.ndarray, tiling: Tiling):
+        self.maps, self.tiling, self.calls = maps, tiling, 0
+
+    def __call__(self, embeddings):
+        self.calls += 1
+        tile = self.tiling.tile(int(embeddings[0, 0, 0, 0]))
+        return {"padded_maps": _to_padded_frame(self.maps[(slice(None),) + tile.outer_slices], 1024)[None]}
+
+
+class IdealDecoder:
+    """Stands in for the prompt decoder package: for a point prompt, the ground-truth object under the point in
+    the features' tile as low-resolution logits; predicted IoU 0.99 (0 on background, which AMG's IoU filter
+    then drops before any upscaling)."""
+
+    input_names = ("embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
+
+    def __init__(self, labels: np.ndarray, tiling: Tiling, package):
+        self.labels, self.tiling, self.package = labels, tiling, package
+        self._cache = {}
+
+    def _logits(self, tile, object_id: int) -> np.ndarray:
+        key = (tile.index, object_id)
+        if key not in self._cache:
+            region = self.labels[tile.outer_slices]
+            mask = (region == object_id) if object_id else np.zeros(region.shape, bool)
+            low = _to_padded_frame(mask[None], 256)[0]
+            self._cache[key] = (low - 0.5) * 20
+        return self._cache[key]
+
+    def __call__(self, embeddings, point_coords, **_):
+        tile = self.tiling.tile(int(embeddings[0, 0, 0, 0]))
+        region = self.labels[tile.outer_slices]
+        low = np.zeros((len(point_coords), 4, 256, 256), np.float32)
+        iou = np.zeros((len(point_coords), 4), np.float32)
+        for i, (x, y) in enumerate(point_coords[:, 0]):
+            object_id = int(region[min(int(y), region.shape[0] - 1), min(int(x), region.shape[1] - 1)])
+            low[i] = self._logits(tile, object_id)
+            iou[i] = 0.99 if object_id else 0.0
+        return {"iou_predictions": iou, "low_res_masks": low}
+
+
+def _objects_crossing_borders(labels: np.ndarray, tile: int, min_pixels: int = 30):
+    """(id, rows, cols) of the objects with >= min_pixels pixels that cross a tile border (multiples of tile)."""
+    from scipy import ndimage
+
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        ys, xs = np.nonzero(labels[box] == i)
+        ys, xs = ys + box[0].start, xs + box[1].start
+        if len(ys) >= min_pixels and (len(np.unique(ys // tile)) > 1 or len(np.unique(xs // tile)) > 1):
+            yield i, ys, xs
+
+
+def _best_iou(result: np.ndarray, sizes: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
+    """IoU of an object (its pixels) with the label covering most of it (0 if that is background);
+    ``sizes``: pixel counts of ``result``'s labels."""
+    ids, counts = np.unique(result[ys, xs], return_counts=True)
+    best = ids[np.argmax(counts)]
+    if best == 0:
+        return 0.0
+    return counts.max() / (len(ys) + sizes[best] - counts.max())
+
+
+def test_objects_across_tile_borders_get_one_label_on_a_4096_mosaic(ais_model):
+    """A 4096 x 4096 mosaic of real DSB2018 ground truth, 16 tiles (1024, halo 128): with maps as a perfect
+    decoder gives them per tile, the stitched maps and one post-processing segment the objects that cross
+    tile borders whole (one label each), as the untiled ground truth has them."""
+    _, labels = build_mosaic(4096)
+    tiling = Tiling.create(labels.shape, 1024, 128)
+    head = IdealHead(ideal_maps(labels), tiling)
+    ais_model._runners["ais_head"] = head
+    try:
+        result = automatic_instance_segmentation(ais_model, embeddings=TiledEmbeddings(tiling,
+                                                 tile_naming_features(tiling), ""))
+    finally:
+        del ais_model._runners["ais_head"]
+    assert head.calls == 16
+    sizes = np.bincount(result.ravel())
+    ious = [_best_iou(result, sizes, ys, xs) for _, ys, xs in _objects_crossing_borders(labels, 1024)]
+    assert len(ious) >= 20 and min(ious) >= 0.8, sorted(ious)[:5]
+
+
+def test_tiled_amg_finds_objects_across_tiles_once(ais_model, mosaic):
+    """µSAM's tiled AMG on the 2048 mosaic (4 tiles, halo 256) with a decoder that answers every point with
+    the ground-truth object under it: objects crossing tile borders come back whole, and an object seen by
+    several tiles (in their halos) comes back once."""
+    image, labels = mosaic[0], mosaic[1]
+    tiling = Tiling.create(labels.shape, 1024, 256)
+    original = ais_model.runner("prompt_decoder")
+    ais_model._runners["prompt_decoder"] = IdealDecoder(labels, tiling, original.package)
+    try:
+        params = AmgParameters(points_per_side=28, pred_iou_thresh=0.88, stability_score_thresh=0.5)
+        records = generate_masks(ais_model, image, embeddings=TiledEmbeddings(tiling, tile_naming_features(tiling),
+                                                                              ""), params=params)
+    finally:
+        ais_model._runners["prompt_decoder"] = original
+    assert len({tuple(r["crop_box"]) for r in records}) == 4  # masks from every tile
+    matched, sizes = {}, np.bincount(labels.ravel())
+    for r in records:
+        ids, counts = np.unique(labels[r["segmentation"]], return_counts=True)
+        best = ids[np.argmax(counts)]
+        if best:
+            iou = counts.max() / (r["area"] + sizes[best] - counts.max())
+            if iou > 0.5:
+                matched.setdefault(int(best), []).append(iou)
+    assert max(len(v) for v in matched.values()) == 1  # no object twice
+    crossing = [(i, matched[int(i)][0]) for i, _, _ in _objects_crossing_borders(labels, 1024, 100)
+                if int(i) in matched]
+    assert len(crossing) >= 5 and min(iou for _, iou in crossing) >= 0.7, crossing
+    with pytest.raises(ValueError, match="crop layers"):
+        generate_masks(ais_model, image, embeddings=mosaic[3], params=AmgParameters(crop_n_layers=1))
+
+
+def test_cli_ais_and_amg(ais_model, vit_t_ais_family, vit_t_family, small, tmp_path, capsys):
+    import tifffile
+
+    from usam_bioimageio.automatic.ais import AisParameters
+    from usam_bioimageio.cli import main
+    from usam_bioimageio.io import read_image
+
+    family = str(vit_t_ais_family[0])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "stardist.tif", small[0])
+    sid = dsb_test_ids()[2]
+    (folder / f"{sid}.png").write_bytes((DSB / "images" / f"{sid}.png").read_bytes())
+    assert main(["ais", "--model", family, "--image", str(folder), "--out", str(tmp_path / "ais"),
+                 "--overlay", str(tmp_path / "overlays"), "--min-size", "10", "--quiet"]) == 0
+    for name, image in (("stardist", small[0]), (sid, read_image(folder / f"{sid}.png"))):
+        got = tifffile.imread(tmp_path / "ais" / f"{name}.tif")
+        assert np.array_equal(got, automatic_instance_segmentation(ais_model, image, params=AisParameters(min_size=10)))
+        assert (tmp_path / "overlays" / f"{name}.png").is_file()
+    # tiled: AIS with tiles computed on the fly, AMG from a tiled cache written by `usam embed`
+    image, path, cache = small[0], folder / "stardist.tif", tmp_path / "stardist.zarr"
+    assert main(["ais", "--model", family, "--image", str(path), "--out", str(tmp_path / "tiled.tif"),
+                 "--tile-shape", "256", "128", "--halo", "0", "32", "--quiet"]) == 0
+    tiled = compute_tiled_embeddings(ais_model, image, tile_shape=(256, 128), halo=(0, 32), progress=False)
+    assert len(tiled) == 2
+    assert np.array_equal(tifffile.imread(tmp_path / "tiled.tif"),
+                          automatic_instance_segmentation(ais_model, image, embeddings=tiled))
+    assert main(["embed", "--model", family, "--image", str(path), "--cache", str(cache), "--tile-shape", "256",
+                 "128", "--halo", "0", "32", "--quiet"]) == 0
+    assert main(["amg", "--model", family, "--image", str(path), "--embeddings", str(cache), "--out",
+                 str(tmp_path / "amg.tif"), "--points-per-side", "6", "--pred-iou-thresh", "0",
+                 "--stability-score-thresh", "0.1", "--box-nms-thresh", "1", "--quiet"]) == 0
+    params = AmgParameters(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.1, box_nms_thresh=1.0)
+    expected = automatic_mask_generation(ais_model, image, embeddings=tiled, params=params)
+    assert np.array_equal(tifffile.imread(tmp_path / "amg.tif"), expected)
+    # mistakes: an error message and exit status 2, nothing written
+    capsys.readouterr()
+    assert main(["ais", "--model", str(vit_t_family[0]), "--image", str(path), "--out",
+                 str(tmp_path / "none.tif"), "--quiet"]) == 2
+    assert "no AIS decoder" in capsys.readouterr().err and not (tmp_path / "none.tif").exists()
+    assert main(["ais", "--model", family, "--image", str(folder), "--out", str(tmp_path / "x.tif"), "--quiet"]) == 2
+    assert "must be a folder" in capsys.readouterr().err
+    assert main(["amg", "--model", family, "--image", str(path), "--embeddings", str(cache),
+                 "--out", str(tmp_path / "y.tif"), "--tile-shape", "512", "512", "--quiet"]) == 2
+    assert "read from the embedding cache" in capsys.readouterr().err

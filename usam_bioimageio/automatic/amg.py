@@ -59,7 +59,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import product
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -70,6 +70,7 @@ from ..model import SamModel
 from ..packages import PackageError
 from ..preprocess import longest_side_shape, mask_upscale_matrix, to_rgb
 from ..prompts import build_decoder_inputs
+from ..tiling import TiledEmbeddings, progress_bar
 
 __all__ = [
     "AMG_PRESETS",
@@ -368,7 +369,7 @@ class _Masks:
         return mask
 
 
-def _check_embeddings(model: SamModel, embeddings: Embeddings) -> None:
+def _check_embeddings(model: SamModel, embeddings: Union[Embeddings, TiledEmbeddings]) -> None:
     decoder = model.runner("prompt_decoder")
     expected = decoder.package.config.get("image_encoder", {}).get("onnx_sha256")
     if expected and embeddings.encoder and expected != embeddings.encoder:
@@ -569,23 +570,33 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return np.asarray(image)
 
 
-def generate_masks(
-    model: SamModel,
-    image: Optional[np.ndarray] = None,
-    *,
-    embeddings: Optional[Embeddings] = None,
-    params: AmgParameters = AmgParameters(),
-) -> List[Dict[str, Any]]:
-    """SAM's automatic mask generation; the records of ``SamAutomaticMaskGenerator.generate`` (binary masks).
+def _tile_crops(model: SamModel, tiled: TiledEmbeddings, params: AmgParameters, progress: bool) -> List[_Masks]:
+    """µSAM's ``TiledAutomaticMaskGenerator``: every tile is a crop whose box is the outer tile (tile + halo)
+    and whose embeddings are the tile's; a mask near a crop edge that is not an image edge is dropped, so an
+    object cut by a tile's halo border survives only from a tile that holds it whole."""
+    shape = tuple(int(v) for v in tiled.original_shape)
+    grid = build_point_grid(params.points_per_side)
+    parts = []
+    with progress_bar(len(tiled), 0, "AMG (tiles)", progress) as bar:
+        for tile in tiled.tiling.tiles():
+            if tiled.features[tile.index] is not None:  # micro-sam skips tiles outside its mask
+                (y0, x0), (y1, x1) = tile.outer_begin, tile.outer_end
+                parts.append(_process_crop(model, tiled.tile_embeddings(tile.index), [x0, y0, x1, y1], grid,
+                                           shape, params))
+            bar.update()
+    return parts
 
-    ``image``: the 2D image (H, W) or (H, W, C), as for ``compute_embeddings``; ``embeddings``: its
-    precomputed embeddings. Give either or both; crop layers (``params.crop_n_layers > 0``) need the image,
-    whose crops are encoded separately. See the module docstring for the steps and the record fields.
-    """
+
+def _checked_shape(model: SamModel, image, embeddings, params: AmgParameters) -> Tuple[int, int]:
+    """Validates image, embeddings and parameters together; the image shape (H, W)."""
     if not isinstance(params, AmgParameters):
         raise TypeError(f"params must be AmgParameters, got {type(params).__name__}")
     if image is None and embeddings is None:
         raise ValueError("give the image or its embeddings (or both)")
+    tiled = isinstance(embeddings, TiledEmbeddings)
+    if tiled and params.crop_n_layers > 0:
+        raise ValueError("crop layers (crop_n_layers > 0) cannot be combined with tiled embeddings: "
+                         "the tiles are the crops (as in µSAM's TiledAutomaticMaskGenerator)")
     if image is not None:
         image = _check_image(image)
         shape = (int(image.shape[0]), int(image.shape[1]))
@@ -598,26 +609,31 @@ def generate_masks(
             raise ValueError("crop layers (crop_n_layers > 0) need the image: its crops are encoded separately")
     if embeddings is not None:
         _check_embeddings(model, embeddings)
+    return shape
 
-    crop_boxes, layer_idxs = generate_crop_boxes(shape, params.crop_n_layers, params.crop_overlap_ratio)
-    grids = [build_point_grid(int(params.points_per_side / params.crop_n_points_downscale_factor**i))
-             for i in range(params.crop_n_layers + 1)]
-    parts = []
-    for crop_box, layer in zip(crop_boxes, layer_idxs):
-        x0, y0, x1, y1 = crop_box
-        if layer == 0:
-            crop_embeddings = embeddings if embeddings is not None else compute_embeddings(model, image)
-        else:
-            crop_embeddings = compute_embeddings(model, image[y0:y1, x0:x1])
-        parts.append(_process_crop(model, crop_embeddings, crop_box, grids[layer], shape, params))
-    masks = _Masks.concat(parts)
-    if len(crop_boxes) > 1 and len(masks):
-        areas = (masks.crop_boxes[:, 2] - masks.crop_boxes[:, 0]) * (masks.crop_boxes[:, 3] - masks.crop_boxes[:, 1])
-        scores = np.float32(1.0) / areas.astype(np.float32)
-        masks = masks.take(nms(masks.boxes, scores, params.crop_nms_thresh))
-    if params.min_mask_region_area > 0:
-        masks = _postprocess_small_regions(masks, shape, params.min_mask_region_area,
-                                           max(params.box_nms_thresh, params.crop_nms_thresh))
+
+def generate_masks(
+    model: SamModel,
+    image: Optional[np.ndarray] = None,
+    *,
+    embeddings: Optional[Union[Embeddings, TiledEmbeddings]] = None,
+    params: AmgParameters = AmgParameters(),
+    progress: bool = False,
+) -> List[Dict[str, Any]]:
+    """SAM's automatic mask generation; the records of ``SamAutomaticMaskGenerator.generate`` (binary masks).
+
+    ``image``: the 2D image (H, W) or (H, W, C), as for ``compute_embeddings``; ``embeddings``: its
+    precomputed embeddings. Give either or both; crop layers (``params.crop_n_layers > 0``) need the image,
+    whose crops are encoded separately. See the module docstring for the steps and the record fields.
+
+    Tiled ``embeddings`` (:class:`usam_bioimageio.tiling.TiledEmbeddings`) give µSAM's tiled AMG: each tile
+    is a crop (a point grid of ``points_per_side`` over its outer block), and the NMS across crops
+    (``crop_nms_thresh``) removes the duplicates of objects seen by several tiles; crop layers are not
+    available then (µSAM uses the crop machinery for the tiles). ``progress``: a bar over the tiles.
+    """
+    shape = _checked_shape(model, image, embeddings, params)
+    image = None if image is None else np.asarray(image)
+    masks = _mask_set(model, image, embeddings, shape, params, progress)
 
     records = []
     for i in range(len(masks)):
@@ -633,6 +649,34 @@ def generate_masks(
             "crop_box": [cx0, cy0, cx1 - cx0, cy1 - cy0],
         })
     return records
+
+
+def _mask_set(model: SamModel, image: Optional[np.ndarray], embeddings, shape: Tuple[int, int],
+              params: AmgParameters, progress: bool) -> _Masks:
+    """The masks of ``generate_masks`` (arguments checked there), as box crops."""
+    if isinstance(embeddings, TiledEmbeddings):
+        parts = _tile_crops(model, embeddings, params, progress)
+    else:
+        crop_boxes, layer_idxs = generate_crop_boxes(shape, params.crop_n_layers, params.crop_overlap_ratio)
+        grids = [build_point_grid(int(params.points_per_side / params.crop_n_points_downscale_factor**i))
+                 for i in range(params.crop_n_layers + 1)]
+        parts = []
+        for crop_box, layer in zip(crop_boxes, layer_idxs):
+            x0, y0, x1, y1 = crop_box
+            if layer == 0:
+                crop_embeddings = embeddings if embeddings is not None else compute_embeddings(model, image)
+            else:
+                crop_embeddings = compute_embeddings(model, image[y0:y1, x0:x1])
+            parts.append(_process_crop(model, crop_embeddings, crop_box, grids[layer], shape, params))
+    masks = _Masks.concat(parts)
+    if len(parts) > 1 and len(masks):
+        areas = (masks.crop_boxes[:, 2] - masks.crop_boxes[:, 0]) * (masks.crop_boxes[:, 3] - masks.crop_boxes[:, 1])
+        scores = np.float32(1.0) / areas.astype(np.float32)
+        masks = masks.take(nms(masks.boxes, scores, params.crop_nms_thresh))
+    if params.min_mask_region_area > 0:
+        masks = _postprocess_small_regions(masks, shape, params.min_mask_region_area,
+                                           max(params.box_nms_thresh, params.crop_nms_thresh))
+    return masks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -732,24 +776,39 @@ def masks_to_label_image(
     consecutively in order (when no pixel is 0, µSAM's renumbering maps the smallest id to 0 as well).
     ``shape`` is needed when ``masks`` is empty.
     """
-    if isinstance(min_object_size, bool) or not isinstance(min_object_size, (int, np.integer)) or min_object_size < 0:
-        raise ValueError(f"min_object_size must be an integer >= 0, got {min_object_size!r}")
-    masks = sorted(masks, key=lambda m: m["area"], reverse=True)
+    _check_min_object_size(min_object_size)
+    masks = list(masks)
     if shape is None:
         if not masks:
             raise ValueError("no masks: give the shape of the label image")
         shape = np.asarray(masks[0]["segmentation"]).shape
     shape = tuple(int(v) for v in shape)
-    segmentation = np.zeros(shape, dtype=np.uint32)
-    seg_id = 0
-    for record in masks:
-        if record["area"] < min_object_size:  # skipped before painting, without using up an id
-            continue
-        seg_id += 1
-        mask = np.asarray(record["segmentation"], dtype=bool)
+
+    def paint(i: int, segmentation: np.ndarray, seg_id: int) -> None:
+        mask = np.asarray(masks[i]["segmentation"], dtype=bool)
         if mask.shape != shape:
             raise ValueError(f"mask of shape {mask.shape} does not fit the label image of shape {shape}")
         segmentation[mask] = seg_id
+
+    areas = np.asarray([m["area"] for m in masks], dtype=np.int64)
+    return _label_image(areas, paint, shape, with_background, min_object_size)
+
+
+def _check_min_object_size(min_object_size: int) -> None:
+    if isinstance(min_object_size, bool) or not isinstance(min_object_size, (int, np.integer)) or min_object_size < 0:
+        raise ValueError(f"min_object_size must be an integer >= 0, got {min_object_size!r}")
+
+
+def _label_image(areas: np.ndarray, paint: Callable[[int, np.ndarray, int], None], shape: Tuple[int, int],
+                 with_background: bool, min_object_size: int) -> np.ndarray:
+    """``masks_to_label_image`` on masks given by their areas and a function that paints mask i."""
+    segmentation = np.zeros(shape, dtype=np.uint32)
+    seg_id = 0
+    for i in np.argsort(-areas, kind="stable"):  # decreasing area, ties in order (Python's stable sort)
+        if areas[i] < min_object_size:  # skipped before painting, without using up an id
+            continue
+        seg_id += 1
+        paint(int(i), segmentation, seg_id)
     segmentation = _label_components(segmentation)
     ids, sizes = np.unique(segmentation, return_counts=True)
     drop = ids[sizes < min_object_size]
@@ -770,16 +829,27 @@ def automatic_mask_generation(
     image: Optional[np.ndarray],
     *,
     params: AmgParameters = AmgParameters(),
-    embeddings: Optional[Embeddings] = None,
+    embeddings: Optional[Union[Embeddings, TiledEmbeddings]] = None,
     with_background: bool = True,
     min_object_size: int = 0,
+    progress: bool = False,
 ) -> np.ndarray:
     """µSAM's AMG instance segmentation: ``generate_masks`` then ``masks_to_label_image`` (uint32 labels).
 
     Equals ``AutomaticMaskGenerator.initialize(image)`` + ``.generate(...)`` with its default
     ``output_mode="instance_segmentation"`` for the same parameters (``image`` may be None when
-    ``embeddings`` are given and there are no crop layers).
+    ``embeddings`` are given and there are no crop layers); with tiled ``embeddings``, µSAM's
+    ``TiledAutomaticMaskGenerator``. The masks are painted from their box crops: no full-size mask is made,
+    so memory does not grow with the number of masks times the image size.
     """
-    records = generate_masks(model, image, embeddings=embeddings, params=params)
-    shape = tuple(embeddings.original_shape) if image is None else np.asarray(image).shape[:2]
-    return masks_to_label_image(records, shape, with_background=with_background, min_object_size=min_object_size)
+    _check_min_object_size(min_object_size)
+    shape = _checked_shape(model, image, embeddings, params)
+    masks = _mask_set(model, None if image is None else np.asarray(image), embeddings, shape, params, progress)
+
+    def paint(i: int, segmentation: np.ndarray, seg_id: int) -> None:
+        x0, y0 = int(masks.boxes[i, 0]), int(masks.boxes[i, 1])
+        crop = masks.crops[i]
+        segmentation[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]][crop] = seg_id
+
+    areas = np.asarray([np.count_nonzero(c) for c in masks.crops], dtype=np.int64)
+    return _label_image(areas, paint, shape, with_background, min_object_size)

@@ -6,13 +6,18 @@ SAM's padded 1024 x 1024 frame and are brought back to the image size here (:fun
 for a family that has only the end-to-end ``ais`` package, through that one. :func:`automatic_instance_segmentation`
 adds µSAM's post-processing (:func:`usam_bioimageio.automatic.ais.instances_from_maps`).
 
+Tiled embeddings (:class:`usam_bioimageio.tiling.TiledEmbeddings`) give the maps of µSAM's
+``TiledInstanceSegmentationWithDecoder``: each tile's maps are computed for its outer block (tile + halo) and
+only its inner block is written into the image's maps, so no seam is left where the halo covers the objects;
+the post-processing then runs once over the whole image, so objects crossing tile borders get one label.
+
 numpy and the package runners only: no torch import on the ONNX path.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,6 +26,7 @@ from ..model import SamModel
 from ..packages import PackageError
 from ..preprocess import interpolation_matrix, longest_side_shape
 from ..registry import IMAGE_SIZE
+from ..tiling import TiledEmbeddings, progress_bar
 from .ais import AisParameters, instances_from_maps
 
 __all__ = ["ais_maps", "automatic_instance_segmentation", "maps_to_original"]
@@ -64,15 +70,30 @@ def _check_encoder(model: SamModel, embeddings: Embeddings) -> None:
         )
 
 
+def _tiled_maps(model: SamModel, tiled: TiledEmbeddings, progress: bool) -> np.ndarray:
+    """Maps stitched from the tiles' inner blocks; tiles without features (micro-sam skips tiles outside
+    its mask) stay 0 = background, as in µSAM."""
+    maps = np.zeros((3,) + tuple(tiled.original_shape), dtype=np.float32)
+    with progress_bar(len(tiled), 0, "AIS decoder (tiles)", progress) as bar:
+        for tile in tiled.tiling.tiles():
+            if tiled.features[tile.index] is not None:
+                tile_maps = ais_maps(model, embeddings=tiled.tile_embeddings(tile.index))
+                maps[(slice(None),) + tile.inner_slices] = tile_maps[(slice(None),) + tile.inner_local_slices]
+            bar.update()
+    return maps
+
+
 def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
-             embeddings: Optional[Embeddings] = None) -> np.ndarray:
+             embeddings: Optional[Union[Embeddings, TiledEmbeddings]] = None, progress: bool = False) -> np.ndarray:
     """µSAM's AIS decoder maps of a 2D image: float32 (3, H, W) = foreground probability, centre distances,
     boundary distances (each 0..1), as ``InstanceSegmentationWithDecoder.initialize`` computes them.
 
     Give ``embeddings`` (from :func:`usam_bioimageio.embeddings.compute_embeddings`; then ``image`` is optional
     and only checked against their shape) to reuse them, e.g. for prompt-based segmentation of the same image;
     otherwise ``image`` (H, W) or (H, W, C) is encoded first. A family without an ``ais_head`` package but
-    with the end-to-end ``ais`` package runs that one on ``image``.
+    with the end-to-end ``ais`` package runs that one on ``image``. ``embeddings`` may be tiled
+    (``compute_tiled_embeddings`` or a cache): then the maps are stitched from the tiles' inner blocks
+    (``progress`` shows a bar over the tiles).
 
     Raises:
         ValueError: neither image nor embeddings, an invalid image, or embeddings of another image size.
@@ -95,6 +116,8 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
         kinds = sorted(family.packages)
         raise PackageError(f"this model family has no AIS decoder ('ais_head' package); it has {kinds}. "
                            "Only checkpoints with a decoder_state (µSAM's *_lm / *_em_organelles models) have one.")
+    if isinstance(embeddings, TiledEmbeddings):
+        return _tiled_maps(model, embeddings, progress)
     if embeddings is None:
         embeddings = compute_embeddings(model, image)
     _check_encoder(model, embeddings)
@@ -105,11 +128,11 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
 
 
 def automatic_instance_segmentation(model: SamModel, image: Optional[np.ndarray] = None, *,
-                                    embeddings: Optional[Embeddings] = None,
-                                    params: AisParameters = AisParameters()) -> np.ndarray:
-    """µSAM's automatic instance segmentation with its decoder (untiled, 2D): labels (H, W) uint32, 0 =
-    background, objects 1..n numbered as µSAM numbers them. :func:`ais_maps` + ``instances_from_maps``;
+                                    embeddings: Optional[Union[Embeddings, TiledEmbeddings]] = None,
+                                    params: AisParameters = AisParameters(), progress: bool = False) -> np.ndarray:
+    """µSAM's automatic instance segmentation with its decoder (2D, tiled or not): labels (H, W) uint32,
+    0 = background, objects 1..n numbered as µSAM numbers them. :func:`ais_maps` + ``instances_from_maps``;
     ``params`` default to µSAM's ``InstanceSegmentationWithDecoder.generate`` defaults."""
     if not isinstance(params, AisParameters):
         raise TypeError(f"params must be an AisParameters, got {type(params).__name__}")
-    return instances_from_maps(ais_maps(model, image, embeddings=embeddings), params=params)
+    return instances_from_maps(ais_maps(model, image, embeddings=embeddings, progress=progress), params=params)

@@ -174,7 +174,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.batch_statistics = batch_statistics
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.batch_statistics:
+        if self.training or not self.batch_statistics:
+            # training: batch statistics, running statistics updated, as µSAM trains the decoder
             return super().forward(x)
         mean = torch.mean(_plane_mean(x), dim=0, keepdim=True)
         centered = x - mean

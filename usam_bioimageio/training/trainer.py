@@ -27,8 +27,16 @@ Differences from µSAM, on purpose: prompts are drawn from a seeded ``numpy.rand
 images are preprocessed by the runtime's :class:`~usam_bioimageio.modeling.preprocess.SamPreprocess` (µSAM's
 inference preprocessing, so embeddings equal the runtime's) instead of ``ResizeLongestSide.apply_image_torch``
 on unnormalised images, and with a frozen image encoder (the default here; µSAM's ``freeze=["image_encoder"]``)
-the embeddings are computed once per image. TODO: the joint AIS decoder loss (µSAM ``JointSamTrainer``, UNETR
-on ``PerObjectDistanceTransform`` targets) is not implemented yet.
+the embeddings are computed once per image.
+
+Joint AIS decoder training (µSAM's ``JointSamTrainer``, on by default as in µSAM's ``train_sam``): after the
+interactive step, a second optimiser step on the UNETR decoder's loss: the decoder's maps for the batch's
+embeddings, cropped and resized to each image (``UNETR.postprocess_masks``), against the
+:func:`.targets.distance_targets` of its labels (objects below ``ais_min_size`` removed), with torch_em's
+``DiceBasedDistanceLoss(mask_distances_in_bg=True)``: Dice loss of the foreground plus Dice losses of both
+distance maps multiplied by the foreground target. The validation metric adds a third of that loss on the
+validation images, as µSAM does. Checkpoints then carry ``decoder_state`` (µSAM's layout), so the exporter
+writes the AIS packages too.
 """
 
 from __future__ import annotations
@@ -49,10 +57,13 @@ import torch.nn.functional as F
 
 from ..modeling import Sam, build_sam
 from ..modeling.preprocess import SamPreprocess
+from ..modeling.unetr import AisDecoder, build_ais_decoder, maps_to_original
 from ..preprocess import longest_side_shape, to_rgb
 from . import iterative_prompting as ip
+from .targets import distance_targets
 
-__all__ = ["TrainConfig", "Trainer", "dice_loss", "load_sam_weights", "save_usam_checkpoint", "train", "train_main"]
+__all__ = ["TrainConfig", "Trainer", "dice_loss", "distance_loss", "load_sam_weights", "save_usam_checkpoint", "train",
+           "train_main"]
 
 SAM_PREFIX = "sam."  # µSAM's TrainableSAM wrapper prefixes the SAM keys in training checkpoints
 
@@ -74,6 +85,9 @@ class TrainConfig:
     freeze_encoder: bool = True
     device: Optional[str] = None  # default: cuda when available
     seed: int = 0
+    train_ais_decoder: bool = True  # µSAM's with_segmentation_decoder
+    ais_conv_transpose: bool = False  # µSAM's default UNETR upsampling (interpolation)
+    ais_min_size: int = 0  # µSAM's train_sam min_size for the distance targets
 
 
 def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -83,11 +97,29 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> t
     return 1.0 - 2.0 * (p * t).sum(-1) / ((p * p).sum(-1) + (t * t).sum(-1)).clamp(min=eps)
 
 
-def save_usam_checkpoint(path: Path, sam_state: Dict[str, torch.Tensor], **extra) -> None:
-    """Atomically write ``{"model_state": {"sam." + key: tensor}, **extra}`` (µSAM's finetuning layout)."""
+def _dice(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """torch_em ``dice_score`` (channelwise, summed over channels) as a loss, for one-channel inputs."""
+    return 1.0 - 2.0 * (probs * target).sum() / ((probs * probs).sum() + (target * target).sum()).clamp(min=eps)
+
+
+def distance_loss(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """torch_em ``DiceBasedDistanceLoss(mask_distances_in_bg=True)``: (B, 3, H, W) maps and targets -> scalar."""
+    if maps.shape != targets.shape or maps.shape[1] != 3:
+        raise ValueError(f"maps and targets must both be (B, 3, H, W), got {tuple(maps.shape)} and {tuple(targets.shape)}")
+    fg = targets[:, 0:1]
+    return (_dice(maps[:, 0:1], fg) + _dice(maps[:, 1:2] * fg, targets[:, 1:2] * fg)
+            + _dice(maps[:, 2:3] * fg, targets[:, 2:3] * fg))
+
+
+def save_usam_checkpoint(path: Path, sam_state: Dict[str, torch.Tensor], *,
+                         decoder_state: Optional[Dict[str, torch.Tensor]] = None, **extra) -> None:
+    """Atomically write ``{"model_state": {"sam." + key: tensor}[, "decoder_state": ...], **extra}`` (µSAM's
+    finetuning layout; ``decoder_state`` is the AIS decoder's, as µSAM's JointSamTrainer saves it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model_state": {SAM_PREFIX + k: v.detach().cpu().clone() for k, v in sam_state.items()}, **extra}
+    if decoder_state is not None:
+        state["decoder_state"] = {k: v.detach().cpu().clone() for k, v in decoder_state.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
@@ -111,9 +143,11 @@ class _Sample:
     image: Optional[torch.Tensor]  # (1, 3, 1024, 1024) preprocessed, when the encoder is trained
     embedding: Optional[torch.Tensor]  # (1, 256, 64, 64), when the encoder is frozen
     input_size: Tuple[int, int]
+    targets: Optional[torch.Tensor] = None  # (1, 3, H, W) AIS decoder targets, when it is trained
 
 
-def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, sam: Sam, frozen: bool, device) -> _Sample:
+def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, sam: Sam, frozen: bool, device,
+                      ais_min_size: Optional[int] = None) -> _Sample:
     labels = np.asarray(labels)
     rgb = to_rgb(np.asarray(image))
     if rgb.shape[:2] != labels.shape:
@@ -121,10 +155,13 @@ def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, sam: Sam, frozen: b
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(torch.float32)[None]
     x = SamPreprocess()(x).to(device)
     input_size = longest_side_shape(*labels.shape)
+    targets = None
+    if ais_min_size is not None:
+        targets = torch.from_numpy(distance_targets(labels, min_size=ais_min_size))[None].to(device)
     if frozen:
         with torch.no_grad():
-            return _Sample(labels.astype(np.int64), None, sam.image_encoder(x), input_size)
-    return _Sample(labels.astype(np.int64), x, None, input_size)
+            return _Sample(labels.astype(np.int64), None, sam.image_encoder(x), input_size, targets)
+    return _Sample(labels.astype(np.int64), x, None, input_size, targets)
 
 
 class Trainer:
@@ -132,7 +169,7 @@ class Trainer:
 
     def __init__(self, sam: Sam, train_data: Sequence[Tuple[np.ndarray, np.ndarray]],
                  val_data: Sequence[Tuple[np.ndarray, np.ndarray]] = (), config: TrainConfig = TrainConfig(),
-                 log: Optional[Callable[[str], None]] = print) -> None:
+                 log: Optional[Callable[[str], None]] = print, ais_decoder: Optional[AisDecoder] = None) -> None:
         self.config = config
         self.log = log or (lambda message: None)
         torch.manual_seed(config.seed)
@@ -142,13 +179,22 @@ class Trainer:
         self.sam = sam.to(self.device)
         for p in self.sam.image_encoder.parameters():
             p.requires_grad_(not config.freeze_encoder)
-        self.train_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device)
+        self.ais_decoder: Optional[AisDecoder] = None
+        if config.train_ais_decoder:
+            decoder = ais_decoder or build_ais_decoder(config.model_type, use_conv_transpose=config.ais_conv_transpose)
+            self.ais_decoder = decoder.to(self.device)
+        elif ais_decoder is not None:
+            raise ValueError("an ais_decoder was given, but config.train_ais_decoder is False")
+        min_size = config.ais_min_size if self.ais_decoder is not None else None
+        self.train_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device, min_size)
                               for i, l in train_data]
-        self.val_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device)
+        self.val_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device, min_size)
                             for i, l in val_data]
         if not self.train_samples:
             raise ValueError("no training images")
         params = [p for p in self.sam.parameters() if p.requires_grad]
+        if self.ais_decoder is not None:
+            params += list(self.ais_decoder.parameters())
         self.optimizer = torch.optim.Adam(params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=config.scheduler_factor, patience=config.scheduler_patience)
@@ -257,6 +303,12 @@ class Trainer:
         n = cfg.n_iterations
         return total / n, total_mask / n, total_iou / n
 
+    def ais_loss(self, samples: Sequence[_Sample]) -> torch.Tensor:
+        """The AIS decoder's loss on a batch (one decoder call: BatchNorm statistics over the batch)."""
+        maps = self.ais_decoder(torch.cat([self._embedding(s) for s in samples]))
+        losses = [distance_loss(maps_to_original(maps[k:k + 1], s.targets), s.targets) for k, s in enumerate(samples)]
+        return torch.stack(losses).mean()
+
     def train_step(self, samples: Sequence[_Sample]) -> Optional[Dict[str, float]]:
         self.sam.train()
         use_boxes = self.iteration % 2 == 1
@@ -268,7 +320,15 @@ class Trainer:
         loss, mask_loss, iou_loss = result
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "mask_loss": float(mask_loss.detach()), "iou_loss": float(iou_loss.detach())}
+        out = {"loss": float(loss.detach()), "mask_loss": float(mask_loss.detach()), "iou_loss": float(iou_loss.detach())}
+        if self.ais_decoder is not None:  # µSAM: a second step for the automatic instance segmentation
+            self.ais_decoder.train()
+            self.optimizer.zero_grad()
+            ais = self.ais_loss(samples)
+            ais.backward()
+            self.optimizer.step()
+            out["ais_loss"] = float(ais.detach())
+        return out
 
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
@@ -296,7 +356,13 @@ class Trainer:
                 ious.extend(((best & t).flatten(1).sum(-1) / (best | t).flatten(1).sum(-1).clamp(min=1)).tolist())
         finally:
             self.rng = saved_rng
-        return {"metric": float(np.mean(dice)) if dice else math.nan, "mean_iou": float(np.mean(ious)) if ious else math.nan}
+        out = {"metric": float(np.mean(dice)) if dice else math.nan, "mean_iou": float(np.mean(ious)) if ious else math.nan}
+        if self.ais_decoder is not None and self.val_samples:
+            self.ais_decoder.eval()
+            ais = float(np.mean([float(self.ais_loss([s])) for s in self.val_samples]))
+            out["ais_loss"] = ais
+            out["metric"] = out["metric"] + ais / 3  # µSAM's JointSamTrainer: metric + instance metric / 3
+        return out
 
     def fit(self, checkpoint_dir: Optional[Path] = None) -> List[Dict[str, float]]:
         cfg = self.config
@@ -321,16 +387,19 @@ class Trainer:
                 self.best_metric, since_best = metric, 0
             else:
                 since_best += 1
-            self.log(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val dice loss {metric:.4f}, "
+            ais = [h["ais_loss"] for h in self.history if h["epoch"] == epoch and "ais_loss" in h]
+            ais_text = f", train AIS loss {np.mean(ais):.4f}" if ais else ""
+            self.log(f"epoch {epoch}: train loss {np.mean(losses):.4f}{ais_text}, val metric {metric:.4f}, "
                      f"val mean IoU {val['mean_iou']:.4f}, lr {self.optimizer.param_groups[0]['lr']:.2e}, "
                      f"{time.time() - t0:.1f}s")
             if checkpoint_dir is not None:
                 extra = {"epoch": epoch, "iteration": self.iteration, "best_metric": self.best_metric,
                          "current_metric": metric, "model_type": cfg.model_type}
                 state = self.sam.state_dict()
-                save_usam_checkpoint(Path(checkpoint_dir) / "latest.pt", state, **extra)
+                decoder = self.ais_decoder.state_dict() if self.ais_decoder is not None else None
+                save_usam_checkpoint(Path(checkpoint_dir) / "latest.pt", state, decoder_state=decoder, **extra)
                 if improved:
-                    save_usam_checkpoint(Path(checkpoint_dir) / "best.pt", state, **extra)
+                    save_usam_checkpoint(Path(checkpoint_dir) / "best.pt", state, decoder_state=decoder, **extra)
             if cfg.early_stopping is not None and since_best >= cfg.early_stopping:
                 self.log(f"early stopping: no improvement for {since_best} epochs")
                 break
@@ -381,6 +450,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--mask-prob", type=float, default=defaults.mask_prob)
     parser.add_argument("--train-encoder", action="store_true", help="also train the image encoder (slow on CPU)")
+    parser.add_argument("--no-ais-decoder", action="store_true",
+                        help="do not train µSAM's AIS (UNETR) decoder jointly (trained by default, as in µSAM)")
+    parser.add_argument("--ais-min-size", type=int, default=defaults.ais_min_size,
+                        help="objects smaller than this are left out of the AIS targets")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     if (args.val_images is None) != (args.val_labels is None):
@@ -388,7 +461,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     config = TrainConfig(model_type=args.model_type, n_iterations=args.n_iterations, n_objects=args.n_objects,
                          batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                          early_stopping=args.early_stopping, seed=args.seed, lr=args.lr, mask_prob=args.mask_prob,
-                         freeze_encoder=not args.train_encoder, device=args.device)
+                         freeze_encoder=not args.train_encoder, device=args.device,
+                         train_ais_decoder=not args.no_ais_decoder, ais_min_size=args.ais_min_size)
     val = _read_pairs(args.val_images, args.val_labels) if args.val_images else ()
     trainer = train(_read_pairs(args.train_images, args.train_labels), val, config=config,
                     checkpoint_dir=args.output, initial_weights=args.checkpoint)

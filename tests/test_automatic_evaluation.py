@@ -1,0 +1,90 @@
+"""Grid search of AIS / AMG thresholds, test-split scores, and the classical baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import DSB, dsb_test_ids
+
+from usam_bioimageio import automatic_evaluation as ae
+from usam_bioimageio.automatic.amg import AmgParameters, automatic_mask_generation
+from usam_bioimageio.embeddings import compute_embeddings
+from usam_bioimageio.evaluation import mean_segmentation_accuracy
+from usam_bioimageio.model import SamModel
+
+
+def _dsb(k: int):
+    import tifffile
+
+    from usam_bioimageio.io import read_image
+
+    sid = dsb_test_ids()[k]
+    return read_image(DSB / "images" / f"{sid}.png"), tifffile.imread(DSB / "labels" / f"{sid}.tif")
+
+
+@pytest.fixture(scope="module")
+def ais_model(vit_t_ais_family):
+    return SamModel.load(vit_t_ais_family[0])
+
+
+def test_amg_candidates_give_what_generate_gives(ais_model, data_dir):
+    image = _dsb(0)[0][:200, :240]
+    emb = compute_embeddings(ais_model, image)
+    base = AmgParameters(points_per_side=12)
+    grid = {"pred_iou_thresh": (0.0,), "stability_score_thresh": (0.1, 0.3)}
+    candidates = ae.amg_candidates(ais_model, image, grid, embeddings=emb, base=base)
+    for combo in ae.combinations(grid):
+        expected = automatic_mask_generation(ais_model, image, embeddings=emb,
+                                             params=AmgParameters(points_per_side=12, **combo))
+        assert np.array_equal(ae.amg_segment(candidates, combo), expected), combo
+    with pytest.raises(ValueError, match="crop layer"):
+        ae.amg_candidates(ais_model, image, grid, embeddings=emb, base=AmgParameters(crop_n_layers=1))
+
+
+def test_grid_search_picks_the_best_combination(data_dir):
+    """On maps a perfect decoder would give (the ground truth's), the search scores every combination and
+    returns the one with the highest mean mSA; default-like thresholds segment the objects well."""
+    from test_tiling_cache import ideal_maps
+
+    pairs = [_dsb(k) for k in (0, 1)]
+    maps = [ideal_maps(gt.astype(np.int64)) for _, gt in pairs]
+    grid = {"center_distance_threshold": (0.05, 0.5), "boundary_distance_threshold": (0.5,), "min_size": (0, 10)}
+    best, table = ae.grid_search(maps, [gt for _, gt in pairs], grid, ae.ais_segment)
+    assert len(table) == 4 and set(best) == set(grid)
+    assert max(r["msa"] for r in table) == next(r["msa"] for r in table if all(r[k] == best[k] for k in grid))
+    assert max(r["msa"] for r in table) > 0.7
+    assert ae.combinations({"a": (1, 2), "b": (3,)}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+
+
+def test_evaluate_automatic_on_val_and_test_splits(ais_model, data_dir):
+    val = [tuple(a[:128, :128] for a in _dsb(k)) for k in (2, 3)]
+    test = [tuple(a[:128, :128] for a in _dsb(k)) for k in (4,)]
+    out = ae.evaluate_automatic(ais_model, val, test, mode="ais",
+                                grid={"center_distance_threshold": (0.4, 0.6), "min_size": (0,)})
+    assert len(out["val_table"]) == 2 and len(out["test_per_image"]) == 1
+    assert 0.0 <= out["test"]["msa"] <= 1.0
+    with pytest.raises(ValueError, match="mode"):
+        ae.evaluate_automatic(ais_model, val, test, mode="otsu")
+
+
+def test_otsu_baseline_on_real_nuclei(data_dir):
+    scores = [mean_segmentation_accuracy(ae.otsu_watershed(image), gt)[0]
+              for image, gt in (_dsb(k) for k in range(4))]
+    assert np.mean(scores) > 0.2, scores  # a real baseline, not a stub
+    assert not ae.otsu_watershed(np.full((32, 32), 7, np.uint8)).any()
+
+
+def test_usam_evaluate_writes_a_report(vit_t_ais_family, tmp_path, data_dir):
+    import json
+
+    from usam_bioimageio.cli import main
+
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(vit_t_ais_family[0]), "--data", str(DSB), "--out", str(out),
+                 "--modes", "baseline", "interactive", "--limit", "2", "--n-iterations", "2", "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())  # (AIS / AMG: test_evaluate_automatic_...)
+    assert results["n_test"] == 2 and len(results["interactive"]["box"]["msa"]) == 2
+    text = (out / "report.md").read_text()
+    assert "Otsu" in text and "interactive from a point, after 1 corrections" in text and "usam evaluate" in text
+    assert (out / "interactive.png").stat().st_size > 1000 and (out / "automatic.png").is_file()

@@ -1,0 +1,149 @@
+"""``usam evaluate``: one model on a dataset with a validation and a test split -> a Markdown report.
+
+What it runs (each optional): interactive segmentation starting from a box and from a point with µSAM's
+iterative corrections (:mod:`.interactive_evaluation`), AIS and AMG with thresholds chosen by grid search on
+the validation split (:mod:`.automatic_evaluation`), and the classical Otsu + watershed baseline, all scored
+on the test split with the mean segmentation accuracy (mSA) and the accuracy at IoU 0.5 / 0.75. Writes
+``report.md``, ``results.json`` and ``interactive.png`` / ``automatic.png`` (matplotlib) into ``out_dir``,
+each file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+Pair = Tuple[np.ndarray, np.ndarray]
+MODES = ("interactive", "ais", "amg", "baseline")
+
+
+def read_split(data_dir: Path, split: str, limit: Optional[int] = None) -> List[Pair]:
+    """(image, labels) pairs of a split of a dataset laid out as ``../shared/data/dsb2018``: ``splits.json``
+    ({"train": [ids], "val": [...], "test": [...]}), ``images/ID.*`` and ``labels/ID.tif``."""
+    import tifffile
+
+    from .io import read_image
+
+    data_dir = Path(data_dir)
+    splits = json.loads((data_dir / "splits.json").read_text())
+    if split not in splits:
+        raise ValueError(f"{data_dir}/splits.json has no split {split!r} (has {sorted(splits)})")
+    pairs = []
+    for sid in splits[split][:limit]:
+        images = sorted((data_dir / "images").glob(f"{sid}.*"))
+        if not images:
+            raise FileNotFoundError(f"no image for {sid} in {data_dir / 'images'}")
+        pairs.append((read_image(images[0]), tifffile.imread(data_dir / "labels" / f"{sid}.tif")))
+    return pairs
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _plot(path: Path, draw) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    _write_atomic(path, buf.getvalue())
+
+
+def run_evaluation(model, val_pairs: Sequence[Pair], test_pairs: Sequence[Pair], *,
+                   modes: Sequence[str] = MODES, n_iterations: int = 8, seed: int = 0,
+                   progress: bool = True) -> Dict[str, Any]:
+    """The numbers of the report (JSON-serialisable)."""
+    from tqdm import tqdm
+
+    from .automatic_evaluation import evaluate_automatic, mean_scores, otsu_watershed
+    from .interactive_evaluation import evaluate_interactive
+
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    results: Dict[str, Any] = {"n_val": len(val_pairs), "n_test": len(test_pairs)}
+    if "baseline" in modes:
+        preds = [otsu_watershed(image) for image, _ in tqdm(test_pairs, desc="baseline", disable=not progress)]
+        results["baseline"] = mean_scores(preds, [g for _, g in test_pairs])
+    if "interactive" in modes:
+        results["interactive"] = {
+            start: evaluate_interactive(model, test_pairs, start=start, n_iterations=n_iterations, seed=seed)
+            for start in ("box", "point")
+        }
+    for mode in ("ais", "amg"):
+        if mode in modes:
+            out = evaluate_automatic(model, val_pairs, test_pairs, mode=mode, progress=progress)
+            results[mode] = {"best": out["best"], "test": out["test"], "grid_size": len(out["val_table"]),
+                             "best_val_msa": max(r["msa"] for r in out["val_table"])}
+    return results
+
+
+def _row(name: str, scores: Dict[str, float]) -> str:
+    return f"| {name} | {scores['msa']:.3f} | {scores['sa50']:.3f} | {scores['sa75']:.3f} |"
+
+
+def write_report(results: Dict[str, Any], out_dir: Path, *, title: str, command: str) -> Path:
+    """report.md (+ results.json and plots) from :func:`run_evaluation`'s numbers."""
+    out_dir = Path(out_dir)
+    lines = [f"# {title}", "", f"Regenerate: `{command}`", "",
+             f"Test images: {results['n_test']}; validation images (AIS / AMG grid search): {results['n_val']}. "
+             "mSA: mean segmentation accuracy over IoU thresholds 0.5..0.95; SA50 / SA75: accuracy at IoU 0.5 / "
+             "0.75 (µSAM's metrics).", "", "| method | mSA | SA50 | SA75 |", "|---|---|---|---|"]
+    if "baseline" in results:
+        lines.append(_row("Otsu + distance-transform watershed (no training)", results["baseline"]))
+    for mode, name in (("ais", "AIS (µSAM decoder)"), ("amg", "AMG (point grid)")):
+        if mode in results:
+            best = ", ".join(f"{k} {v}" for k, v in results[mode]["best"].items())
+            lines.append(_row(f"{name}; val-chosen {best}", results[mode]["test"]))
+    inter = results.get("interactive", {})
+    for start, r in inter.items():
+        for k in (0, len(r["msa"]) - 1):
+            label = "start" if k == 0 else f"after {k} corrections"
+            lines.append(_row(f"interactive from a {start}, {label}",
+                              {"msa": r["msa"][k], "sa50": r["sa50"][k], "sa75": r["sa75"][k]}))
+    lines.append("")
+    if inter:
+        def draw_interactive(ax):
+            for start, r in inter.items():
+                ax.plot(range(len(r["msa"])), r["msa"], marker="o", label=f"from a {start}")
+            if "baseline" in results:
+                ax.axhline(results["baseline"]["msa"], color="gray", linestyle="--", label="Otsu baseline")
+            ax.set_xlabel("corrections (µSAM's iterative prompting)")
+            ax.set_ylabel("mSA (test)")
+            ax.legend()
+
+        _plot(out_dir / "interactive.png", draw_interactive)
+        lines += ["![interactive segmentation](interactive.png)", ""]
+    auto = {"Otsu": results["baseline"]["msa"]} if "baseline" in results else {}
+    auto.update({name: results[key]["test"]["msa"] for key, name in (("ais", "AIS"), ("amg", "AMG")) if key in results})
+    if auto:
+        def draw_automatic(ax):
+            ax.bar(list(auto), list(auto.values()), color=["gray", "tab:blue", "tab:orange"][:len(auto)])
+            ax.set_ylabel("mSA (test)")
+
+        _plot(out_dir / "automatic.png", draw_automatic)
+        lines += ["![automatic segmentation](automatic.png)", ""]
+    lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} by `usam evaluate`."]
+    _write_atomic(out_dir / "results.json", json.dumps(results, indent=1).encode())
+    report = out_dir / "report.md"
+    _write_atomic(report, ("\n".join(lines) + "\n").encode())
+    return report
