@@ -32,15 +32,15 @@ MICRO_SAM = r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["root"] + "/scripts")
-from ais_decoder_reference import _refresh_attention_bias_cache, _setup_imports
-_setup_imports()
+from micro_sam_env import refresh_attention_bias_cache, setup_imports
+setup_imports()
 import numpy as np
 import torch
 from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder, get_predictor_and_decoder
 from micro_sam.util import precompute_image_embeddings
 torch.set_num_threads(args["threads"])
 predictor, decoder = get_predictor_and_decoder(args["model_type"], args["checkpoint"], device="cpu")
-_refresh_attention_bias_cache(predictor.model)
+refresh_attention_bias_cache(predictor.model)
 segmenter = InstanceSegmentationWithDecoder(predictor, decoder)
 out = {"seconds": [], "labels": []}
 for k, path in enumerate(args["images"]):

@@ -208,7 +208,7 @@ def export_family(
         files = {"image_encoder": staging / "image_encoder.zip", "prompt_decoder": staging / "prompt_decoder.zip"}
         steps = 3 if ckpt.decoder_state is not None else 2
         with tqdm(total=steps, desc=f"export {name}", unit="package", disable=not progress) as bar:
-            bar.set_postfix_str("image encoder (export + bioimageio test)")
+            bar.set_postfix_str("image encoder")
             embeddings = _encoder_package(ckpt, sample, name, files["image_encoder"], formats, work, test)
             encoder_sha = load_package(files["image_encoder"]).identity
             bar.update()

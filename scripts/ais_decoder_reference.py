@@ -32,19 +32,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.abc
-import importlib.machinery
 import json
 import platform
 import sys
 import tempfile
-import types
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from micro_sam_env import refresh_attention_bias_cache, setup_imports  # noqa: E402
+
 SAM_SEED = 0
 MODEL_TYPE = "vit_t"
 # case name -> image file (relative to the shared data folder), crop (y0, y1, x0, x1) or None, decoder seed,
@@ -55,62 +55,6 @@ CASES = {
                      (20, 220, 10, 260), 1, False),
     "stardist_crop_convtranspose": ("stardist_samples/tests_img2d.tif", (40, 136, 60, 188), 2, True),
 }
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Last-resort stubs for torchvision submodules that tests/_shims does not provide."""
-
-    def find_spec(self, name, path, target=None):
-        if name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-
-        def __getattr__(attr, _module=spec.name):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            def unavailable(*args, **kwargs):
-                raise RuntimeError(f"{_module}.{attr} is a stub: torchvision is not installed")
-            return unavailable
-
-        module.__getattr__ = __getattr__
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
-def _setup_imports() -> str:
-    sys.path.insert(0, str(ROOT))
-    try:
-        import torchvision  # noqa: F401
-        import timm  # noqa: F401
-        return f"torchvision {metadata.version('torchvision')}"
-    except Exception:
-        for m in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
-            del sys.modules[m]
-        sys.path.insert(0, str(ROOT / "tests" / "_shims"))
-        sys.meta_path.append(_StubFinder())
-        return "tests/_shims stand-ins (torchvision / timm not importable with this torch)"
-
-
-def _refresh_attention_bias_cache(sam) -> float:
-    """Recompute MobileSAM's cached attention bias tables (``ab``) from the loaded ``attention_biases``;
-    returns the largest change (0 for models without the cache)."""
-    import torch
-
-    change = 0.0
-    for module in sam.modules():
-        if hasattr(module, "ab") and hasattr(module, "attention_biases"):
-            fresh = module.attention_biases[:, module.attention_bias_idxs].detach()
-            change = max(change, float((fresh - module.ab).abs().max()))
-            with torch.no_grad():
-                module.ab.copy_(fresh)
-    return change
 
 
 def state_sha256(state) -> str:
@@ -142,7 +86,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     args = parser.parse_args()
-    shim_info = _setup_imports()
+    shim_info = setup_imports()
 
     import torch
     from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder, get_predictor_and_decoder, get_unetr
@@ -178,7 +122,7 @@ def main() -> None:
             # That is an encoder matter (reported separately); refresh the cache so that the reference encoder
             # uses the loaded weights, as ours does. The decoder (a separate module) stays as µSAM leaves it:
             # in training mode.
-            stale = _refresh_attention_bias_cache(predictor.model)
+            stale = refresh_attention_bias_cache(predictor.model)
             if decoder.training is not True:
                 raise SystemExit("µSAM's decoder is expected in training mode (get_unetr never calls eval())")
             # µSAM's decoder state layout: the UNETR's state dict without the encoder

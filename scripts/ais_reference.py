@@ -19,57 +19,20 @@ Each fixture holds, for one crop of a real ground-truth label image:
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import json
 import platform
 import sys
-import types
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Stand-in for torchvision where no build matches the installed torch (a CPU-only torch 2.13).
-
-    micro_sam and torch_em import torchvision at module level (NMS for AMG, image grids for logging); the AIS
-    post-processing never calls it. Every attribute is a function that raises if it is ever called.
-    """
-
-    def find_spec(self, name, path, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-
-        def __getattr__(attr, _module=spec.name):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            def unavailable(*args, **kwargs):
-                raise RuntimeError(f"{_module}.{attr} is a stub: torchvision is not installed")
-            return unavailable
-
-        module.__getattr__ = __getattr__
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
 def _import_reference():
-    try:
-        import torchvision  # noqa: F401
-        torchvision_info = metadata.version("torchvision")
-    except Exception:
-        sys.modules.pop("torchvision", None)
-        sys.meta_path.insert(0, _TorchvisionStub())
-        torchvision_info = "stub (not importable with this torch; unused by AIS)"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from micro_sam_env import setup_imports
+
+    torchvision_info = setup_imports()  # torchvision, or stand-ins: unused by the AIS post-processing
     from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
     from torch_em.transform.label import PerObjectDistanceTransform
     import bioimage_cpp

@@ -35,9 +35,9 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from ais_decoder_reference import _setup_imports  # torchvision stand-ins for torch_em's module-level imports
+    from micro_sam_env import setup_imports  # torchvision stand-ins for torch_em's module-level imports
 
-    _setup_imports()
+    setup_imports()
     import tifffile
     from torch_em.transform.label import PerObjectDistanceTransform
 

@@ -394,26 +394,35 @@ def test_automatic_instance_segmentation_real_image(ais_model_onnx, runtime_maps
     np.testing.assert_array_equal(labels, instances_from_maps(maps, params=params))
 
 
-@pytest.mark.slow  # exports and gates both AIS packages (12+ full-size decoder runs)
-def test_edge_case_images(ais_model_onnx):
+@pytest.fixture(scope="session")
+def head_model(vit_t_ais_family):
+    """The runtime on an (ungated) AIS head package: fast, for the runtime's edge cases and errors in CI."""
+    from usam_bioimageio.model import SamModel
+
+    return SamModel.load(vit_t_ais_family[0])
+
+
+def test_edge_case_images(head_model):
     """A constant image (µSAM's normalisation maps it to 0) and a 1-pixel image give maps and labels."""
     from usam_bioimageio.automatic.segment import ais_maps, automatic_instance_segmentation
 
+    ais_model_onnx = head_model
     maps = ais_maps(ais_model_onnx, np.full((40, 30), 7, np.uint16))
     assert maps.shape == (3, 40, 30) and np.isfinite(maps).all() and (maps >= 0).all() and (maps <= 1).all()
     labels = automatic_instance_segmentation(ais_model_onnx, np.array([[3.5]], np.float32))
     assert labels.shape == (1, 1) and labels.dtype == np.uint32
 
 
-@pytest.mark.slow  # exports and gates both AIS packages (12+ full-size decoder runs)
-def test_errors(ais_model_onnx, vit_t_family, runtime_maps, stardist_image):
+def test_errors(head_model, vit_t_family, stardist_image):
     from dataclasses import replace
 
     from usam_bioimageio.automatic.segment import ais_maps, automatic_instance_segmentation
+    from usam_bioimageio.embeddings import compute_embeddings
     from usam_bioimageio.model import SamModel
     from usam_bioimageio.packages import PackageError
 
-    _, embeddings = runtime_maps["onnx"]
+    ais_model_onnx = head_model
+    embeddings = compute_embeddings(head_model, stardist_image)
     with pytest.raises(ValueError, match="image or its embeddings"):
         ais_maps(ais_model_onnx)
     with pytest.raises(ValueError, match="shape"):
@@ -427,9 +436,9 @@ def test_errors(ais_model_onnx, vit_t_family, runtime_maps, stardist_image):
     with pytest.raises(TypeError):
         automatic_instance_segmentation(ais_model_onnx, embeddings=embeddings, params={"min_size": 3})
     no_ais = SamModel.load(vit_t_family[0])
-    if "ais_head" not in no_ais.family:
-        with pytest.raises(PackageError, match="no AIS decoder"):
-            ais_maps(no_ais, stardist_image)
+    assert "ais_head" not in no_ais.family
+    with pytest.raises(PackageError, match="no AIS decoder"):
+        ais_maps(no_ais, stardist_image)
 
 
 def test_checkpoint_with_decoder_state_round_trip(tmp_path, sam_state, reference):

@@ -36,6 +36,9 @@ class Runner:
             options.enable_cpu_mem_arena = package.kind not in ("image_encoder", "ais")
             if threads:
                 options.intra_op_num_threads = threads
+            # no busy-waiting after a run: the runtime's numpy work (mask upscaling, post-processing) runs
+            # between decoder calls, and spinning ONNX Runtime threads would take its cores (2 here)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         else:
             try:
