@@ -46,11 +46,11 @@ out = {"seconds": [], "labels": []}
 for k, path in enumerate(args["images"]):
     image = np.load(path)
     with torch.no_grad():
-        emb = precompute_image_embeddings(predictor, image, verbose=False)
+        emb = precompute_image_embeddings(predictor, image, ndim=2, verbose=False)  # ndim: RGB is 2D
         times = []
         for _ in range(args["repeats"] + 1):  # the first run warms up
             t = time.perf_counter()
-            segmenter.initialize(image, image_embeddings=emb)
+            segmenter.initialize(image, image_embeddings=emb)  # (RGB images: 2D with channels)
             labels = segmenter.generate()
             times.append(time.perf_counter() - t)
     out["seconds"].append(times[1:])
