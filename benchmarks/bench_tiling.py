@@ -75,19 +75,6 @@ def run_child(python: str, code: str, params: dict) -> dict:
     return json.loads(line[0][len("RESULT"):])
 
 
-def export(folder: Path, model_type: str) -> Path:
-    from usam_bioimageio.modeling import seeded_sam
-    from usam_exporters.checkpoints import save_checkpoint
-    from usam_exporters.export import export_family
-
-    folder.mkdir(parents=True, exist_ok=True)
-    ckpt = folder / f"{model_type}_seed0.pt"
-    save_checkpoint(ckpt, sam_state=seeded_sam(model_type, seed=0).state_dict())
-    # ONNX is what is timed; not gated (the exporter's tests gate)
-    return export_family(checkpoint=ckpt, output_dir=folder / "family", name=f"{model_type}_random", overwrite=True,
-                         formats=("onnx",), test=False, progress=True)
-
-
 def large_image(size: int):
     """A real microscopy image repeated (mirrored, so that no seam is flat) to size x size, uint16."""
     import numpy as np
@@ -131,7 +118,9 @@ def main() -> None:
     family = args.family or ROOT / "out" / "bench" / model_type / "family"
     if not (family / "family.yaml").is_file():
         t = time.perf_counter()
-        family = export(family.parent, model_type)
+        from bench_core import export  # the family bench_core.py times too (same folder, same formats)
+
+        family = export(model_type, family.parent)
         print(f"exported {family} in {time.perf_counter() - t:.0f} s")
     checkpoint = family.parent / f"{model_type}_seed0.pt"
 

@@ -43,12 +43,12 @@ def test_amg_candidates_give_what_generate_gives(ais_model, data_dir):
 
 
 def test_grid_search_picks_the_best_combination(data_dir):
-    """On maps a perfect decoder would give (the ground truth's), the search scores every combination and
-    returns the one with the highest mean mSA; default-like thresholds segment the objects well."""
-    from test_tiling_cache import ideal_maps
+    """On maps a perfect decoder would give (the ground truth's training targets), the search scores every
+    combination and returns the one with the highest mean mSA; default-like thresholds segment the objects well."""
+    from usam_bioimageio.training.targets import distance_targets
 
     pairs = [_dsb(k) for k in (0, 1)]
-    maps = [ideal_maps(gt.astype(np.int64)) for _, gt in pairs]
+    maps = [distance_targets(gt) for _, gt in pairs]
     grid = {"center_distance_threshold": (0.05, 0.5), "boundary_distance_threshold": (0.5,), "min_size": (0, 10)}
     best, table = ae.grid_search(maps, [gt for _, gt in pairs], grid, ae.ais_segment)
     assert len(table) == 4 and set(best) == set(grid)

@@ -696,6 +696,7 @@ from usam_bioimageio.automatic.amg import (  # noqa: E402
 )
 from usam_bioimageio.automatic.ais import instances_from_maps  # noqa: E402
 from usam_bioimageio.automatic.segment import ais_maps, automatic_instance_segmentation  # noqa: E402
+from usam_bioimageio.training.targets import distance_targets  # noqa: E402
 
 # random weights: NMS off within a crop and a low stability threshold, so that many masks come through
 LOOSE_AMG = AmgParameters(points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.1, box_nms_thresh=1.0)
@@ -749,21 +750,6 @@ def test_tiled_ais_maps_are_the_tiles_interiors(ais_model, vit_t_ais_family, mos
                           instances_from_maps(maps))
 
 
-def ideal_maps(labels: np.ndarray) -> np.ndarray:
-    """Maps a perfect AIS decoder would give: foreground, and centre = boundary distance = 1 - the distance to
-    the object's border normalised per object (0 at its centre, 1 at its border)."""
-    from scipy import ndimage
-    from skimage.segmentation import find_boundaries
-
-    fg = labels > 0
-    dist = ndimage.distance_transform_edt(fg & ~find_boundaries(labels, mode="inner"))
-    peak = np.zeros(int(labels.max()) + 1)
-    peak[1:] = ndimage.maximum(dist, labels, np.arange(1, labels.max() + 1))
-    norm = np.where(fg, dist / np.maximum(peak[labels], 1), 0)
-    distances = np.where(fg, 1 - norm, 1).astype(np.float32)
-    return np.stack([fg.astype(np.float32), distances, distances])
-
-
 def tile_naming_features(tiling: Tiling) -> list:
     """Stand-in tile embeddings: feature [0, 0, 0, 0] holds the tile id, so a stand-in decoder knows its tile."""
     features = []
@@ -788,8 +774,8 @@ def _to_padded_frame(region: np.ndarray, size: int) -> np.ndarray:
 
 
 class IdealHead:
-    """Stands in for the ais_head package: the ideal maps of the features' tile (outer block), in SAM's padded
-    1024 x 1024 frame as the real head's output is."""
+    """Stands in for the ais_head package: given maps (e.g. the training targets of the ground truth) of the
+    features' tile (outer block), in SAM's padded 1024 x 1024 frame as the real head's output is."""
 
     input_names = ("embeddings",)
 
@@ -883,7 +869,7 @@ def test_objects_across_tile_borders_get_one_label_on_a_4096_mosaic(ais_model):
     tile borders whole (one label each), as the untiled ground truth has them."""
     _, labels = build_mosaic(4096)
     tiling = Tiling.create(labels.shape, 1024, 128)
-    head = IdealHead(ideal_maps(labels), tiling)
+    head = IdealHead(distance_targets(labels), tiling)  # what a perfect µSAM decoder is trained to give
     ais_model._runners["ais_head"] = head
     try:
         result = automatic_instance_segmentation(ais_model, embeddings=TiledEmbeddings(tiling,

@@ -221,7 +221,7 @@ def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], ar
     from .embeddings import compute_embeddings
     from .tiling import compute_tiled_embeddings
 
-    if image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4):
+    if _is_stack(image, False):
         raise ValueError(f"usam {args.command} segments 2D images; got an array of shape {image.shape}")
     if embeddings is not None:
         if args.tile_shape is not None:

@@ -97,9 +97,10 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> t
     return 1.0 - 2.0 * (p * t).sum(-1) / ((p * p).sum(-1) + (t * t).sum(-1)).clamp(min=eps)
 
 
-def _dice(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """torch_em ``dice_score`` (channelwise, summed over channels) as a loss, for one-channel inputs."""
-    return 1.0 - 2.0 * (probs * target).sum() / ((probs * probs).sum() + (target * target).sum()).clamp(min=eps)
+def _dice(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """torch_em ``dice_score`` of a one-channel input (channelwise, summed over channels) as a loss: the
+    per-object :func:`dice_loss` with the whole batch as one object."""
+    return dice_loss(probs.reshape(1, -1), target.reshape(1, -1))[0]
 
 
 def distance_loss(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
