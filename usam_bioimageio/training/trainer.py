@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import registry
 from ..modeling import Sam, build_sam
 from ..modeling.preprocess import SamPreprocess
 from ..modeling.unetr import AisDecoder, build_ais_decoder, maps_to_original
@@ -88,6 +89,11 @@ class TrainConfig:
     train_ais_decoder: bool = True  # µSAM's with_segmentation_decoder
     ais_conv_transpose: bool = False  # µSAM's default UNETR upsampling (interpolation)
     ais_min_size: int = 0  # µSAM's train_sam min_size for the distance targets
+    # CPU settings (not µSAM's): the AIS loss on a random ais_crop x ais_crop block of embedding cells (its
+    # 16 ais_crop-pixel square of SAM's frame) instead of the whole frame, and one optimiser step on the sum
+    # of both losses instead of two steps (one encoder pass per image when the encoder is trained)
+    ais_crop: Optional[int] = None
+    ais_separate_step: bool = True
 
 
 def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -141,7 +147,7 @@ def load_sam_weights(path: Path) -> Dict[str, torch.Tensor]:
 @dataclasses.dataclass
 class _Sample:
     labels: np.ndarray  # (H, W) int
-    image: Optional[torch.Tensor]  # (1, 3, 1024, 1024) preprocessed, when the encoder is trained
+    image: Optional[torch.Tensor]  # (1, 3, H, W) raw RGB, when the encoder is trained (preprocessed per use)
     embedding: Optional[torch.Tensor]  # (1, 256, 64, 64), when the encoder is frozen
     input_size: Tuple[int, int]
     targets: Optional[torch.Tensor] = None  # (1, 3, H, W) AIS decoder targets, when it is trained
@@ -154,14 +160,15 @@ def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, sam: Sam, frozen: b
     if rgb.shape[:2] != labels.shape:
         raise ValueError(f"image {rgb.shape[:2]} and labels {labels.shape} differ in size")
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(torch.float32)[None]
-    x = SamPreprocess()(x).to(device)
     input_size = longest_side_shape(*labels.shape)
     targets = None
     if ais_min_size is not None:
         targets = torch.from_numpy(distance_targets(labels, min_size=ais_min_size))[None].to(device)
     if frozen:
         with torch.no_grad():
-            return _Sample(labels.astype(np.int64), None, sam.image_encoder(x), input_size, targets)
+            embedding = sam.image_encoder(SamPreprocess()(x).to(device))
+        return _Sample(labels.astype(np.int64), None, embedding, input_size, targets)
+    # kept raw: 451 DSB2018 images preprocessed to 1024 x 1024 float32 would hold 5.7 GB
     return _Sample(labels.astype(np.int64), x, None, input_size, targets)
 
 
@@ -208,7 +215,7 @@ class Trainer:
     def _embedding(self, sample: _Sample) -> torch.Tensor:
         if sample.embedding is not None:
             return sample.embedding
-        return self.sam.image_encoder(sample.image)
+        return self.sam.image_encoder(SamPreprocess()(sample.image).to(self.device))
 
     def _scale(self, coords: np.ndarray, sample: _Sample) -> torch.Tensor:
         h, w = sample.labels.shape
@@ -262,13 +269,14 @@ class Trainer:
         n = min(len(i) for i in ids)
         return [ip.object_masks(s.labels, i[:n]) for s, i in zip(samples, ids)]
 
-    def iterative_loss(self, samples: Sequence[_Sample], use_boxes: bool):
+    def iterative_loss(self, samples: Sequence[_Sample], use_boxes: bool, embeddings: Optional[List[torch.Tensor]] = None):
         """(loss, mask loss, IoU loss) of one batch, averaged over ``n_iterations`` sub-iterations."""
         cfg = self.config
         all_masks = self._batch_objects(samples)
         if all_masks[0].shape[0] == 0:
             return None
-        embeddings = [self._embedding(s) for s in samples]
+        if embeddings is None:
+            embeddings = [self._embedding(s) for s in samples]
         prompts = [self._initial_prompts(s, m, not use_boxes, use_boxes) for s, m in zip(samples, all_masks)]
         targets = [torch.as_tensor(m, dtype=torch.float32, device=self.device) for m in all_masks]
         total, total_mask, total_iou = 0.0, 0.0, 0.0
@@ -304,24 +312,62 @@ class Trainer:
         n = cfg.n_iterations
         return total / n, total_mask / n, total_iou / n
 
-    def ais_loss(self, samples: Sequence[_Sample]) -> torch.Tensor:
-        """The AIS decoder's loss on a batch (one decoder call: BatchNorm statistics over the batch)."""
-        maps = self.ais_decoder(torch.cat([self._embedding(s) for s in samples]))
-        losses = [distance_loss(maps_to_original(maps[k:k + 1], s.targets), s.targets) for k, s in enumerate(samples)]
-        return torch.stack(losses).mean()
+    def ais_loss(self, samples: Sequence[_Sample], embeddings: Optional[List[torch.Tensor]] = None,
+                 rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        """The AIS decoder's loss on a batch (one decoder call: BatchNorm statistics over the batch).
+
+        With ``config.ais_crop``: on one block of embedding cells per image against the targets resized to the
+        frame, cropped alike. The block is centred on a foreground pixel drawn from ``rng`` (anywhere inside the
+        image's part of the frame when there is none) and kept inside that part when it fits: a block without
+        objects has a constant loss (torch_em's Dice of empty targets) and teaches nothing."""
+        if embeddings is None:
+            embeddings = [self._embedding(s) for s in samples]
+        crop = self.config.ais_crop
+        if crop is None:
+            maps = self.ais_decoder(torch.cat(embeddings))
+            losses = [distance_loss(maps_to_original(maps[k:k + 1], s.targets), s.targets)
+                      for k, s in enumerate(samples)]
+            return torch.stack(losses).mean()
+        rng = rng if rng is not None else self.rng
+        blocks, targets = [], []
+        for emb, s in zip(embeddings, samples):
+            patch = registry.IMAGE_SIZE // emb.shape[-1]  # frame pixels per embedding cell
+            cells = [-(-n // patch) for n in s.input_size]  # cells the image covers
+            fg = torch.nonzero(s.targets[0, 0] > 0)
+            if len(fg):
+                y, x = fg[int(rng.integers(len(fg)))].tolist()
+                centre = [int(v * n / o) // patch for v, n, o in zip((y, x), s.input_size, s.targets.shape[-2:])]
+                y0, x0 = (min(max(0, c - crop // 2), max(0, n - crop)) for c, n in zip(centre, cells))
+            else:
+                y0, x0 = (int(rng.integers(0, max(0, c - crop) + 1)) for c in cells)
+            blocks.append(emb[..., y0:y0 + crop, x0:x0 + crop])
+            frame = F.pad(F.interpolate(s.targets, s.input_size, mode="bilinear", align_corners=False),
+                          (0, registry.IMAGE_SIZE - s.input_size[1], 0, registry.IMAGE_SIZE - s.input_size[0]))
+            targets.append(frame[..., y0 * patch:(y0 + crop) * patch, x0 * patch:(x0 + crop) * patch])
+        maps = self.ais_decoder(torch.cat(blocks))
+        return torch.stack([distance_loss(maps[k:k + 1], t) for k, t in enumerate(targets)]).mean()
 
     def train_step(self, samples: Sequence[_Sample]) -> Optional[Dict[str, float]]:
         self.sam.train()
         use_boxes = self.iteration % 2 == 1
         self.optimizer.zero_grad()
-        result = self.iterative_loss(samples, use_boxes)
+        joint = self.ais_decoder is not None and not self.config.ais_separate_step
+        embeddings = [self._embedding(s) for s in samples] if joint else None
+        result = self.iterative_loss(samples, use_boxes, embeddings)
         self.iteration += 1
         if result is None:  # no objects in one of the images
             return None
         loss, mask_loss, iou_loss = result
+        out = {"loss": float(loss.detach()), "mask_loss": float(mask_loss.detach()), "iou_loss": float(iou_loss.detach())}
+        if joint:  # one step on the sum of both losses
+            self.ais_decoder.train()
+            ais = self.ais_loss(samples, embeddings)
+            (loss + ais).backward()
+            self.optimizer.step()
+            out["ais_loss"] = float(ais.detach())
+            return out
         loss.backward()
         self.optimizer.step()
-        out = {"loss": float(loss.detach()), "mask_loss": float(mask_loss.detach()), "iou_loss": float(iou_loss.detach())}
         if self.ais_decoder is not None:  # µSAM: a second step for the automatic instance segmentation
             self.ais_decoder.train()
             self.optimizer.zero_grad()
@@ -360,7 +406,8 @@ class Trainer:
         out = {"metric": float(np.mean(dice)) if dice else math.nan, "mean_iou": float(np.mean(ious)) if ious else math.nan}
         if self.ais_decoder is not None and self.val_samples:
             self.ais_decoder.eval()
-            ais = float(np.mean([float(self.ais_loss([s])) for s in self.val_samples]))
+            rng = np.random.default_rng(self.config.seed + 2)  # the same crops in every validation
+            ais = float(np.mean([float(self.ais_loss([s], rng=rng)) for s in self.val_samples]))
             out["ais_loss"] = ais
             out["metric"] = out["metric"] + ais / 3  # µSAM's JointSamTrainer: metric + instance metric / 3
         return out
@@ -438,8 +485,13 @@ def _read_pairs(images: Path, labels: Path) -> List[Tuple[np.ndarray, np.ndarray
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``usam train``: finetune on folders of images and label images matched by file stem."""
     parser = argparse.ArgumentParser(prog="usam train", description="Finetune SAM with µSAM's iterative prompting.")
-    parser.add_argument("--train-images", type=Path, required=True)
-    parser.add_argument("--train-labels", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="a dataset folder (splits.json, images/, labels/), instead of "
+                        "--train-images/--train-labels/--val-images/--val-labels")
+    parser.add_argument("--train-split", default="train", help="with --data: the split to train on")
+    parser.add_argument("--val-split", default="val", help="with --data: the validation split")
+    parser.add_argument("--val-limit", type=int, default=None, help="with --data: the first N validation images")
+    parser.add_argument("--train-images", type=Path)
+    parser.add_argument("--train-labels", type=Path)
     parser.add_argument("--val-images", type=Path)
     parser.add_argument("--val-labels", type=Path)
     parser.add_argument("--output", type=Path, required=True, help="folder for best.pt / latest.pt")
@@ -455,17 +507,34 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="do not train µSAM's AIS (UNETR) decoder jointly (trained by default, as in µSAM)")
     parser.add_argument("--ais-min-size", type=int, default=defaults.ais_min_size,
                         help="objects smaller than this are left out of the AIS targets")
+    parser.add_argument("--ais-crop", type=int, default=None,
+                        help="AIS loss on a random block of N x N embedding cells (16 N pixels of SAM's frame) "
+                             "instead of the whole frame: about (64 / N)^2 times less decoder work")
+    parser.add_argument("--joint-step", action="store_true",
+                        help="one optimiser step on the sum of the prompt and AIS losses (µSAM: two steps)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    folders = (args.train_images, args.train_labels, args.val_images, args.val_labels)
+    if args.data is not None and any(f is not None for f in folders):
+        parser.error("--data replaces --train-images/--train-labels/--val-images/--val-labels")
+    if args.data is None and (args.train_images is None or args.train_labels is None):
+        parser.error("give --data, or --train-images and --train-labels")
     if (args.val_images is None) != (args.val_labels is None):
         parser.error("--val-images and --val-labels go together")
     config = TrainConfig(model_type=args.model_type, n_iterations=args.n_iterations, n_objects=args.n_objects,
                          batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                          early_stopping=args.early_stopping, seed=args.seed, lr=args.lr, mask_prob=args.mask_prob,
                          freeze_encoder=not args.train_encoder, device=args.device,
-                         train_ais_decoder=not args.no_ais_decoder, ais_min_size=args.ais_min_size)
-    val = _read_pairs(args.val_images, args.val_labels) if args.val_images else ()
-    trainer = train(_read_pairs(args.train_images, args.train_labels), val, config=config,
-                    checkpoint_dir=args.output, initial_weights=args.checkpoint)
+                         train_ais_decoder=not args.no_ais_decoder, ais_min_size=args.ais_min_size,
+                         ais_crop=args.ais_crop, ais_separate_step=not args.joint_step)
+    if args.data is not None:
+        from ..report import read_split
+
+        train_pairs = read_split(args.data, args.train_split)
+        val = read_split(args.data, args.val_split, args.val_limit) if args.val_split else ()
+    else:
+        train_pairs = _read_pairs(args.train_images, args.train_labels)
+        val = _read_pairs(args.val_images, args.val_labels) if args.val_images else ()
+    trainer = train(train_pairs, val, config=config, checkpoint_dir=args.output, initial_weights=args.checkpoint)
     print(f"best validation metric {trainer.best_metric:.4f}; checkpoints in {args.output}")
     return 0
