@@ -35,17 +35,22 @@ def _agreement(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(ours == ref))
 
 
-def _check_embeddings(family, state, model_type, images, formats=FORMATS):
-    predictor = _reference(state, model_type)
-    for fmt in formats:
-        model = SamModel.load(family, weight_format=fmt)
-        for name, image in images:
-            predictor.set_image(usam_to_image(image))
-            ref = predictor.features.numpy()
+def _check_embeddings(family, state, model_type, images, formats=FORMATS, predictor=None):
+    """Embeddings of every format equal the predictor's for each image (one reference run per image).
+    Returns the predictor (set to the last image) and the first format's model and embeddings of that image."""
+    predictor = predictor or _reference(state, model_type)
+    models = {fmt: SamModel.load(family, weight_format=fmt) for fmt in formats}
+    for name, image in images:
+        predictor.set_image(usam_to_image(image))
+        ref = predictor.features.numpy()
+        first = None
+        for fmt, model in models.items():
             emb = compute_embeddings(model, image)
             diff = float(np.abs(emb.features - ref).max())
             assert diff <= 1e-4, f"{fmt} {name}: max abs diff {diff}"
             assert emb.original_shape == image.shape[:2]
+            first = first or (model, emb)
+    return predictor, first[0], first[1]
 
 
 def test_vit_t_embeddings_equal_sampredictor(vit_t_family):
@@ -56,13 +61,11 @@ def test_vit_t_embeddings_equal_sampredictor(vit_t_family):
 def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
     family, state = vit_b_family
     images = real_images()
-    _check_embeddings(family, state, "vit_b", [images[3]])  # gray 1305x1009: antialiased downscaling
-    _check_embeddings(family, state, "vit_b", [images[2]], formats=("onnx",))  # RGB 360^2: upscaling
-    predictor = _reference(state, "vit_b")
-    model = SamModel.load(family)
+    predictor, _, _ = _check_embeddings(family, state, "vit_b", [images[3]])  # gray 1305x1009: downscaling
+    # RGB 360^2 (upscaling); the predictor and our embeddings of it are then used for the masks
+    predictor, model, emb = _check_embeddings(family, state, "vit_b", [images[2]], formats=("onnx",),
+                                              predictor=predictor)
     image = images[2][1]
-    predictor.set_image(usam_to_image(image))
-    emb = compute_embeddings(model, image)
     centers, boxes = _objects(image)
     for c, b in zip(centers, boxes):
         ref, _, _ = predictor.predict(point_coords=c[None], point_labels=np.array([1]), box=b, multimask_output=False)

@@ -153,9 +153,11 @@ def evaluate_automatic(
     mode: str,
     grid: Optional[Mapping[str, Sequence[Any]]] = None,
     progress: bool = False,
+    embed: Optional[Callable[[np.ndarray], Any]] = None,
 ) -> Dict[str, Any]:
     """Grid search on ``val_pairs`` then scores on ``test_pairs`` for ``mode`` "ais" or "amg":
-    ``{"best": combination, "val_table": [...], "test": mean scores, "test_per_image": [...]}``."""
+    ``{"best": combination, "val_table": [...], "test": mean scores, "test_per_image": [...]}``.
+    ``embed``: image -> embeddings (default ``compute_embeddings(model, image)``; e.g. a cache shared by modes)."""
     from .automatic.segment import ais_maps
     from .embeddings import compute_embeddings
 
@@ -164,14 +166,17 @@ def evaluate_automatic(
     grid = dict(grid if grid is not None else (AIS_GRID if mode == "ais" else AMG_GRID))
 
     def prepare(image):
-        emb = compute_embeddings(model, image)
+        emb = embed(image) if embed is not None else compute_embeddings(model, image)
         return ais_maps(model, image, embeddings=emb) if mode == "ais" else amg_candidates(model, image, grid,
                                                                                              embeddings=emb)
 
     segment = ais_segment if mode == "ais" else amg_segment
-    val = [prepare(image) for image, _ in val_pairs]
+    from tqdm import tqdm
+
+    val = [prepare(image) for image, _ in tqdm(val_pairs, desc=f"{mode} val", disable=not progress)]
     best, table = grid_search(val, [g for _, g in val_pairs], grid, segment, progress=progress)
-    predictions = [segment(prepare(image), best) for image, _ in test_pairs]
+    predictions = [segment(prepare(image), best) for image, _ in tqdm(test_pairs, desc=f"{mode} test",
+                                                                       disable=not progress)]
     per_image = [segmentation_scores(p, g) for p, (_, g) in zip(predictions, test_pairs)]
     return {"best": best, "val_table": table, "test": mean_scores(predictions, [g for _, g in test_pairs]),
             "test_per_image": per_image}

@@ -50,6 +50,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         vit_t_attention_biases=args.vit_t_attention_biases,
         progress=not args.quiet,
+        **({"formats": tuple(args.formats)} if args.formats else {}),
     )
     print(f"wrote {out}")
     return 0
@@ -396,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vit_t only: 'loaded' uses TinyViT's attention biases as trained (default); 'micro_sam' "
                         "zeroes them, as micro-sam and MobileSAM's builder run vit_t (their bias cache is "
                         "filled before the weights are loaded), to reproduce micro-sam's numbers")
+    p.add_argument("--formats", nargs="+", choices=["pytorch_state_dict", "torchscript", "onnx"], default=None,
+                   help="weight formats of the packages (default: all three), each gated by bioimageio.core")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 

@@ -18,7 +18,7 @@ uniformly from the object (seeded ``numpy.random.Generator``), so the prompt seq
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -125,15 +125,20 @@ def evaluate_interactive(
     start: str = "box",
     n_iterations: int = 8,
     seed: int = 0,
+    embed: Optional[Callable[[np.ndarray], Embeddings]] = None,
+    progress: bool = False,
 ) -> Dict[str, Any]:
     """Mean scores per round over (image, ground truth) pairs (images without objects are skipped):
     ``{"msa": [round 0, round 1, ...], "sa50": [...], "sa75": [...], "n_images": n}``; image i uses seed
-    ``seed + i``."""
+    ``seed + i``. ``embed``: image -> embeddings (default: computed per image)."""
+    from tqdm import tqdm
+
     per_image = []
-    for i, (image, gt) in enumerate(pairs):
+    for i, (image, gt) in enumerate(tqdm(pairs, desc=f"interactive ({start})", disable=not progress)):
         if not np.any(np.asarray(gt)):
             continue
-        rounds = interactive_segmentation(model, image, gt, start=start, n_iterations=n_iterations, seed=seed + i)
+        rounds = interactive_segmentation(model, image, gt, start=start, n_iterations=n_iterations, seed=seed + i,
+                                          embeddings=embed(image) if embed is not None else None)
         per_image.append([[r.msa, r.sa50, r.sa75] for r in rounds])
     if not per_image:
         raise ValueError("no image with objects")

@@ -80,18 +80,28 @@ def run_evaluation(model, val_pairs: Sequence[Pair], test_pairs: Sequence[Pair],
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    from .embeddings import compute_embeddings
+
     results: Dict[str, Any] = {"n_val": len(val_pairs), "n_test": len(test_pairs)}
+    computed: Dict[int, Any] = {}
+
+    def embed(image):  # one encoder run per image for all modes (the pairs hold the images alive)
+        if id(image) not in computed:
+            computed[id(image)] = compute_embeddings(model, image)
+        return computed[id(image)]
+
     if "baseline" in modes:
         preds = [otsu_watershed(image) for image, _ in tqdm(test_pairs, desc="baseline", disable=not progress)]
         results["baseline"] = mean_scores(preds, [g for _, g in test_pairs])
     if "interactive" in modes:
         results["interactive"] = {
-            start: evaluate_interactive(model, test_pairs, start=start, n_iterations=n_iterations, seed=seed)
+            start: evaluate_interactive(model, test_pairs, start=start, n_iterations=n_iterations, seed=seed,
+                                        embed=embed, progress=progress)
             for start in ("box", "point")
         }
     for mode in ("ais", "amg"):
         if mode in modes:
-            out = evaluate_automatic(model, val_pairs, test_pairs, mode=mode, progress=progress)
+            out = evaluate_automatic(model, val_pairs, test_pairs, mode=mode, progress=progress, embed=embed)
             results[mode] = {"best": out["best"], "test": out["test"], "grid_size": len(out["val_table"]),
                              "best_val_msa": max(r["msa"] for r in out["val_table"])}
     return results

@@ -147,14 +147,13 @@ def load_sam_weights(path: Path) -> Dict[str, torch.Tensor]:
 @dataclasses.dataclass
 class _Sample:
     labels: np.ndarray  # (H, W) int
-    image: Optional[torch.Tensor]  # (1, 3, H, W) raw RGB, when the encoder is trained (preprocessed per use)
-    embedding: Optional[torch.Tensor]  # (1, 256, 64, 64), when the encoder is frozen
+    image: torch.Tensor  # (1, 3, H, W) raw RGB (preprocessed per use)
+    embedding: Optional[torch.Tensor]  # (1, 256, 64, 64): with a frozen encoder, computed at first use
     input_size: Tuple[int, int]
     targets: Optional[torch.Tensor] = None  # (1, 3, H, W) AIS decoder targets, when it is trained
 
 
-def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, sam: Sam, frozen: bool, device,
-                      ais_min_size: Optional[int] = None) -> _Sample:
+def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, device, ais_min_size: Optional[int] = None) -> _Sample:
     labels = np.asarray(labels)
     rgb = to_rgb(np.asarray(image))
     if rgb.shape[:2] != labels.shape:
@@ -164,10 +163,6 @@ def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, sam: Sam, frozen: b
     targets = None
     if ais_min_size is not None:
         targets = torch.from_numpy(distance_targets(labels, min_size=ais_min_size))[None].to(device)
-    if frozen:
-        with torch.no_grad():
-            embedding = sam.image_encoder(SamPreprocess()(x).to(device))
-        return _Sample(labels.astype(np.int64), None, embedding, input_size, targets)
     # kept raw: 451 DSB2018 images preprocessed to 1024 x 1024 float32 would hold 5.7 GB
     return _Sample(labels.astype(np.int64), x, None, input_size, targets)
 
@@ -177,7 +172,8 @@ class Trainer:
 
     def __init__(self, sam: Sam, train_data: Sequence[Tuple[np.ndarray, np.ndarray]],
                  val_data: Sequence[Tuple[np.ndarray, np.ndarray]] = (), config: TrainConfig = TrainConfig(),
-                 log: Optional[Callable[[str], None]] = print, ais_decoder: Optional[AisDecoder] = None) -> None:
+                 log: Optional[Callable[[str], None]] = print, ais_decoder: Optional[AisDecoder] = None,
+                 carried_decoder_state: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self.config = config
         self.log = log or (lambda message: None)
         torch.manual_seed(config.seed)
@@ -193,10 +189,14 @@ class Trainer:
             self.ais_decoder = decoder.to(self.device)
         elif ais_decoder is not None:
             raise ValueError("an ais_decoder was given, but config.train_ais_decoder is False")
+        if carried_decoder_state is not None and (self.ais_decoder is not None or not config.freeze_encoder):
+            raise ValueError("an AIS decoder state is carried into the checkpoints only when neither it nor the "
+                             "encoder is trained (it would no longer match the encoder)")
+        self.carried_decoder_state = carried_decoder_state
         min_size = config.ais_min_size if self.ais_decoder is not None else None
-        self.train_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device, min_size)
+        self.train_samples = [_to_tensor_sample(i, l, self.device, min_size)
                               for i, l in train_data]
-        self.val_samples = [_to_tensor_sample(i, l, self.sam, config.freeze_encoder, self.device, min_size)
+        self.val_samples = [_to_tensor_sample(i, l, self.device, min_size)
                             for i, l in val_data]
         if not self.train_samples:
             raise ValueError("no training images")
@@ -215,7 +215,17 @@ class Trainer:
     def _embedding(self, sample: _Sample) -> torch.Tensor:
         if sample.embedding is not None:
             return sample.embedding
-        return self.sam.image_encoder(SamPreprocess()(sample.image).to(self.device))
+        x = SamPreprocess()(sample.image).to(self.device)
+        if not self.config.freeze_encoder:
+            return self.sam.image_encoder(x)
+        encoder, training = self.sam.image_encoder, self.sam.image_encoder.training
+        try:  # frozen: once per image, when first used (not all at start: 2 s each on a CPU), in eval mode
+            encoder.eval()  # (BatchNorm with its running statistics, as at inference)
+            with torch.no_grad():
+                sample.embedding = encoder(x)
+        finally:
+            encoder.train(training)
+        return sample.embedding
 
     def _scale(self, coords: np.ndarray, sample: _Sample) -> torch.Tensor:
         h, w = sample.labels.shape
@@ -444,7 +454,7 @@ class Trainer:
                 extra = {"epoch": epoch, "iteration": self.iteration, "best_metric": self.best_metric,
                          "current_metric": metric, "model_type": cfg.model_type}
                 state = self.sam.state_dict()
-                decoder = self.ais_decoder.state_dict() if self.ais_decoder is not None else None
+                decoder = self.ais_decoder.state_dict() if self.ais_decoder is not None else self.carried_decoder_state
                 save_usam_checkpoint(Path(checkpoint_dir) / "latest.pt", state, decoder_state=decoder, **extra)
                 if improved:
                     save_usam_checkpoint(Path(checkpoint_dir) / "best.pt", state, decoder_state=decoder, **extra)
@@ -459,13 +469,27 @@ def train(train_data: Sequence[Tuple[np.ndarray, np.ndarray]], val_data: Sequenc
           initial_weights: Optional[Path] = None, sam: Optional[Sam] = None,
           log: Optional[Callable[[str], None]] = print) -> Trainer:
     """Finetune ``sam`` (default: ``build_sam(config.model_type)`` with ``initial_weights`` loaded) and return
-    the :class:`Trainer` (``.sam``, ``.history``, ``.best_metric``); checkpoints go to ``checkpoint_dir``."""
+    the :class:`Trainer` (``.sam``, ``.history``, ``.best_metric``); checkpoints go to ``checkpoint_dir``.
+
+    An AIS decoder in ``initial_weights`` (µSAM's ``decoder_state``) is trained on from its weights, or, when
+    neither it (``train_ais_decoder=False``) nor the encoder is trained, written unchanged into the checkpoints."""
     torch.manual_seed(config.seed)
+    decoder_state = None
     if sam is None:
         sam = build_sam(config.model_type)
         if initial_weights is not None:
             sam.load_state_dict(load_sam_weights(Path(initial_weights)), strict=True)
-    trainer = Trainer(sam, train_data, val_data, config, log=log)
+            obj = torch.load(Path(initial_weights), map_location="cpu", weights_only=True)
+            decoder_state = obj.get("decoder_state") if isinstance(obj, dict) else None
+    ais_decoder = None
+    if decoder_state is not None and config.train_ais_decoder:
+        from ..modeling.unetr import load_ais_decoder, uses_conv_transpose
+
+        if uses_conv_transpose(decoder_state) != config.ais_conv_transpose:
+            config = dataclasses.replace(config, ais_conv_transpose=uses_conv_transpose(decoder_state))
+        ais_decoder, decoder_state = load_ais_decoder(config.model_type, decoder_state), None
+    trainer = Trainer(sam, train_data, val_data, config, log=log, ais_decoder=ais_decoder,
+                      carried_decoder_state=decoder_state)
     trainer.fit(checkpoint_dir)
     return trainer
 
