@@ -61,10 +61,9 @@ def test_vit_t_embeddings_equal_sampredictor(vit_t_family):
 def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
     family, state = vit_b_family
     images = real_images()
-    predictor, _, _ = _check_embeddings(family, state, "vit_b", [images[3]])  # gray 1305x1009: downscaling
-    # RGB 360^2 (upscaling); the predictor and our embeddings of it are then used for the masks
-    predictor, model, emb = _check_embeddings(family, state, "vit_b", [images[2]], formats=("onnx",),
-                                              predictor=predictor)
+    # gray 1305x1009 (antialiased downscaling), then RGB 360^2 (upscaling), whose predictor state and
+    # embeddings are then used for the masks
+    predictor, model, emb = _check_embeddings(family, state, "vit_b", [images[3], images[2]], formats=("onnx",))
     image = images[2][1]
     centers, boxes = _objects(image)
     for c, b in zip(centers, boxes):
@@ -73,12 +72,13 @@ def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
         assert _agreement(ours.masks[0], ref) >= 0.9999
 
 
-@pytest.mark.slow  # ~8 min on 2 cores: vit_b exported with the bioimageio.core gate for both formats
+@pytest.mark.slow  # ~9 min on 2 cores: vit_b exported with the bioimageio.core gate for both formats
 def test_vit_b_export_is_gated(tmp_path_factory, usam_cache, data_dir):
     from conftest import _export
 
-    family, _ = _export(tmp_path_factory, "vit_b", formats=("onnx", "torchscript"))  # raises unless passed
+    family, state = _export(tmp_path_factory, "vit_b", formats=("onnx", "torchscript"))  # raises unless passed
     assert (family / "image_encoder.zip").is_file() and (family / "prompt_decoder.zip").is_file()
+    _check_embeddings(family, state, "vit_b", [real_images()[3]], formats=("torchscript",))
 
 
 @pytest.fixture(scope="module")
