@@ -139,9 +139,15 @@ def save_usam_checkpoint(path: Path, sam_state: Dict[str, torch.Tensor], *,
 
 def load_sam_weights(path: Path) -> Dict[str, torch.Tensor]:
     """SAM state dict from a plain SAM file or a µSAM ``{"model_state": ...}`` file (weights_only load)."""
+    return _load_weights(path)[0]
+
+
+def _load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+    """(SAM state dict, µSAM ``decoder_state`` or None) of a file, read once (weights_only load)."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     state = obj["model_state"] if "model_state" in obj else obj
-    return {(k[len(SAM_PREFIX):] if k.startswith(SAM_PREFIX) else k): v for k, v in state.items()}
+    sam_state = {(k[len(SAM_PREFIX):] if k.startswith(SAM_PREFIX) else k): v for k, v in state.items()}
+    return sam_state, (obj.get("decoder_state") if "model_state" in obj else None)
 
 
 @dataclasses.dataclass
@@ -478,9 +484,8 @@ def train(train_data: Sequence[Tuple[np.ndarray, np.ndarray]], val_data: Sequenc
     if sam is None:
         sam = build_sam(config.model_type)
         if initial_weights is not None:
-            sam.load_state_dict(load_sam_weights(Path(initial_weights)), strict=True)
-            obj = torch.load(Path(initial_weights), map_location="cpu", weights_only=True)
-            decoder_state = obj.get("decoder_state") if isinstance(obj, dict) else None
+            sam_state, decoder_state = _load_weights(Path(initial_weights))
+            sam.load_state_dict(sam_state, strict=True)
     ais_decoder = None
     if decoder_state is not None and config.train_ais_decoder:
         from ..modeling.unetr import load_ais_decoder, uses_conv_transpose
