@@ -95,6 +95,38 @@ def test_training_reduces_loss_and_writes_usam_checkpoint(tiny_data, tmp_path):
                                seeded_sam("vit_t", seed=0).state_dict()["image_encoder.neck.0.weight"])
 
 
+def test_mask_bce_adds_cross_entropy_and_keeps_gradients_at_saturated_logits():
+    """``mask_bce``: per mask, Dice + w * mean BCE, then the minimum over the masks; at logits of -8 everywhere
+    (where Dice alone leaves an untrained decoder) BCE still pushes the object's pixels up."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from usam_bioimageio.training import TrainConfig
+    from usam_bioimageio.training.trainer import Trainer, dice_loss
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.randn(2, 3, 16, 16, generator=gen) * 3
+    target = torch.zeros(2, 16, 16)
+    target[0, 4:9, 3:8] = 1
+    target[1, 10:14, 9:15] = 1
+    iou = torch.rand(2, 3, generator=gen)
+    per_mask = torch.stack([dice_loss(torch.sigmoid(masks[:, i]), target)
+                            + 0.5 * F.binary_cross_entropy_with_logits(masks[:, i], target, reduction="none").mean((1, 2))
+                            for i in range(3)])
+    loss, _ = Trainer._loss(SimpleNamespace(config=TrainConfig(mask_bce=0.5)), masks, iou, target)
+    torch.testing.assert_close(loss, per_mask.min(0).values.mean())
+    dice_only, _ = Trainer._loss(SimpleNamespace(config=TrainConfig()), masks, iou, target)
+    assert float(dice_only) < float(loss)
+
+    grads = []
+    for weight in (0.0, 1.0):
+        logits = torch.full((2, 1, 16, 16), -8.0, requires_grad=True)
+        Trainer._loss(SimpleNamespace(config=TrainConfig(mask_bce=weight)), logits, iou[:, :1], target)[0].backward()
+        grads.append(-float(logits.grad[0, 0][target[0] > 0].mean()))  # > 0: the loss falls as they rise
+    assert 0 < grads[0] < 0.02 * grads[1]  # measured: 1.3e-5 vs 2.0e-3
+
+
 def test_cropped_ais_loss_sees_the_blocks_targets_and_joint_step_trains_encoder(tiny_data):
     """CPU setting ``ais_crop``: the AIS loss of a block of embedding cells is taken against the targets of the
     same block of SAM's frame (a stand-in decoder that answers with the ground truth of the block it is given,

@@ -94,6 +94,11 @@ class TrainConfig:
     # of both losses instead of two steps (one encoder pass per image when the encoder is trained)
     ais_crop: Optional[int] = None
     ais_separate_step: bool = True
+    # Training from scratch (not µSAM's, which finetunes pretrained SAM with Dice alone): weight of a per-pixel
+    # binary cross-entropy added to each mask's Dice loss. Dice alone drives a random decoder to logits of about
+    # -5 everywhere (the quickest way to shrink sum(p^2) around small objects), where sigmoid gradients vanish
+    # and masks never form; BCE's gradient (p - t) does not vanish. SAM itself was trained with focal + Dice.
+    mask_bce: float = 0.0
 
 
 def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -251,10 +256,13 @@ class Trainer:
         masks = self.sam.postprocess_masks(low_res, sample.input_size, sample.labels.shape)
         return masks, low_res, iou
 
-    @staticmethod
-    def _loss(masks: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor):
+    def _loss(self, masks: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor):
         probs = torch.sigmoid(masks)  # (n, m, H, W)
         dice = torch.stack([dice_loss(probs[:, i], target) for i in range(probs.shape[1])])  # (m, n)
+        if self.config.mask_bce:
+            bce = torch.stack([F.binary_cross_entropy_with_logits(masks[:, i], target, reduction="none").flatten(1).mean(1)
+                               for i in range(masks.shape[1])])
+            dice = dice + self.config.mask_bce * bce
         mask_loss = dice.min(dim=0).values.mean()
         with torch.no_grad():
             binary = probs > 0.5
@@ -541,6 +549,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                              "instead of the whole frame: about (64 / N)^2 times less decoder work")
     parser.add_argument("--joint-step", action="store_true",
                         help="one optimiser step on the sum of the prompt and AIS losses (µSAM: two steps)")
+    parser.add_argument("--mask-bce", type=float, default=defaults.mask_bce,
+                        help="weight of a binary cross-entropy term added to the masks' Dice loss (0: µSAM's Dice "
+                             "alone; use about 1 when the prompt decoder starts untrained)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     folders = (args.train_images, args.train_labels, args.val_images, args.val_labels)
@@ -555,7 +566,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                          early_stopping=args.early_stopping, seed=args.seed, lr=args.lr, mask_prob=args.mask_prob,
                          freeze_encoder=not args.train_encoder, device=args.device,
                          train_ais_decoder=not args.no_ais_decoder, ais_min_size=args.ais_min_size,
-                         ais_crop=args.ais_crop, ais_separate_step=not args.joint_step)
+                         ais_crop=args.ais_crop, ais_separate_step=not args.joint_step,
+                         mask_bce=args.mask_bce)
     if args.data is not None:
         from ..report import read_split
 
