@@ -186,7 +186,7 @@ class TensorSpec:
     """One input or output tensor.
 
     ``name`` becomes the tensor id (lower case letters, digits and ``_``). ``data`` is the test tensor:
-    required for inputs, computed by :func:`usam_exporters.package.write_package` for outputs.
+    required for inputs; for outputs computed by :func:`usam_exporters.package.write_package` unless given.
     ``data_descr`` (a ``bioimageio.spec.model.v0_5`` data description) overrides the one derived from
     the test tensor's dtype; ``preprocessing``/``postprocessing`` are v0_5 processing descriptions
     (default: none, i.e. only the implicit ``ensure_dtype``).

@@ -252,7 +252,7 @@ def write_ais_packages(
                                embedding_axes(), data=embeddings)],
             outputs=[TensorSpec("padded_maps", "AIS maps (foreground, centre / boundary distances; 0..1) in SAM's padded "
                                 "1024x1024 frame; crop + resize: see the documentation",
-                                [Batch(1), maps_channels, Space("y", size), Space("x", size)])],
+                                [Batch(1), maps_channels, Space("y", size), Space("x", size)], data=padded)],
             output_path=files["ais_head"],
             name=f"{name} AIS head",
             description=f"µSAM automatic instance segmentation decoder ({checkpoint.model_type}) on the family's image "

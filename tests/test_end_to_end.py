@@ -61,9 +61,10 @@ def test_vit_t_embeddings_equal_sampredictor(vit_t_family):
 def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
     family, state = vit_b_family
     images = real_images()
-    # gray 1305x1009 (antialiased downscaling), then RGB 360^2 (upscaling), whose predictor state and
-    # embeddings are then used for the masks
-    predictor, model, emb = _check_embeddings(family, state, "vit_b", [images[3], images[2]], formats=("onnx",))
+    # RGB 360^2 (upscaling); its predictor state and embeddings are then used for the masks (the antialiased
+    # downscaling of large images is the same graph code for every model type: compared on vit_t's 4 images
+    # here, and on vit_b's 1305x1009 image in the slow gated vit_b test)
+    predictor, model, emb = _check_embeddings(family, state, "vit_b", [images[2]], formats=("onnx",))
     image = images[2][1]
     centers, boxes = _objects(image)
     for c, b in zip(centers, boxes):

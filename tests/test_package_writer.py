@@ -304,6 +304,35 @@ def test_refuses_deviating_torchscript(tmp_path: Path):
     assert _only_entries(tmp_path) == []
 
 
+def test_given_test_outputs_are_used_and_gated(tmp_path: Path, monkeypatch):
+    """Outputs given with data (the caller's forward pass) are the test outputs: the module is not run again,
+    and the gate refuses given outputs that the weights do not reproduce."""
+    import usam_exporters.package as package
+
+    module = TinyConv().eval()
+    inputs, outputs = _conv_specs()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(inputs[0].data)).numpy()
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("the module was run again")
+
+    monkeypatch.setattr(package, "run_module", no_rerun)
+    kw = dict(module=module, inputs=inputs, name="Tiny conv toy", description="given outputs", formats=("onnx",),
+              authors=[{"name": "Test Author", "affiliation": "Nowhere"}],
+              architecture=ArchitectureSpec(callable="TinyConv", import_from="toy_modules"))
+    outputs[0].data = expected
+    out = write_package(outputs=outputs, output_path=tmp_path / "ok.zip", **kw)
+    with zipfile.ZipFile(out) as zf:
+        name = next(n for n in zf.namelist() if "test_output" in n and n.endswith(".npy"))
+        with zf.open(name) as f:
+            np.testing.assert_array_equal(np.load(f), expected)
+    outputs[0].data = expected + 0.5
+    with pytest.raises(PackageTestError):
+        write_package(outputs=outputs, output_path=tmp_path / "bad.zip", **kw)
+    assert not (tmp_path / "bad.zip").exists()
+
+
 def test_refuses_nondeterministic_module(tmp_path: Path):
     out = tmp_path / "noisy.zip"
     with pytest.raises(PackageTestError) as err:
