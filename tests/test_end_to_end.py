@@ -35,10 +35,10 @@ def _agreement(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(ours == ref))
 
 
-def _check_embeddings(family, state, model_type, images, formats=FORMATS, predictor=None):
+def _check_embeddings(family, state, model_type, images, formats=FORMATS):
     """Embeddings of every format equal the predictor's for each image (one reference run per image).
     Returns the predictor (set to the last image) and the first format's model and embeddings of that image."""
-    predictor = predictor or _reference(state, model_type)
+    predictor = _reference(state, model_type)
     models = {fmt: SamModel.load(family, weight_format=fmt) for fmt in formats}
     for name, image in images:
         predictor.set_image(usam_to_image(image))

@@ -258,12 +258,11 @@ class Trainer:
 
     def _loss(self, masks: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor):
         probs = torch.sigmoid(masks)  # (n, m, H, W)
-        dice = torch.stack([dice_loss(probs[:, i], target) for i in range(probs.shape[1])])  # (m, n)
+        per_mask = torch.stack([dice_loss(probs[:, i], target) for i in range(probs.shape[1])])  # (m, n)
         if self.config.mask_bce:
-            bce = torch.stack([F.binary_cross_entropy_with_logits(masks[:, i], target, reduction="none").flatten(1).mean(1)
-                               for i in range(masks.shape[1])])
-            dice = dice + self.config.mask_bce * bce
-        mask_loss = dice.min(dim=0).values.mean()
+            bce = F.binary_cross_entropy_with_logits(masks, target[:, None].expand_as(masks), reduction="none")
+            per_mask = per_mask + self.config.mask_bce * bce.flatten(2).mean(2).T
+        mask_loss = per_mask.min(dim=0).values.mean()
         with torch.no_grad():
             binary = probs > 0.5
             t = target.bool()[:, None]
