@@ -296,8 +296,27 @@ def _export_onnx(module, example):
     return f.getvalue(), ops
 
 
+def float64_ops(model: bytes) -> set:
+    """Op types of the nodes with a float64 output (shape inference; subgraphs included)."""
+    import onnx
+
+    proto = onnx.shape_inference.infer_shapes(onnx.load_from_string(model))
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input)}
+    found = set()
+    stack = [proto.graph]
+    while stack:
+        graph = stack.pop()
+        types.update({v.name: v.type.tensor_type.elem_type for v in graph.value_info})
+        for node in graph.node:
+            if any(types.get(o) == onnx.TensorProto.DOUBLE for o in node.output):
+                found.add(node.op_type)
+            stack.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return found
+
+
 ONNX_OPS = {
-    "Abs", "Add", "And", "Cast", "Clip", "Constant", "ConstantOfShape", "CumSum", "Div", "Equal", "Floor",
+    "Abs", "Add", "And", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "CumSum", "Div", "Equal", "Floor",
     "Gather", "Greater", "GreaterOrEqual", "If", "Less", "MatMul", "Max", "Min", "Mul", "Neg", "Not",
     "Range", "ReduceMax", "ReduceMin", "Shape", "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where",
 }  # fmt: skip
@@ -311,6 +330,9 @@ def test_sam_preprocess_onnx_dynamic(mode):
     model, ops = _export_onnx(exported, _chw(_synthetic(40, 60)))
     assert ops <= ONNX_OPS, ops - ONNX_OPS
     assert "MatMul" in ops and "CumSum" in ops
+    # ONNX Runtime 1.13.1 has no float64 Floor; 1.15-1.25 fuse float64 MatMul + Transpose into a kernel-less
+    # FusedMatMul (the host check runs them; this names the cause when it fails)
+    assert not float64_ops(model) & {"Floor", "Ceil", "Round", "MatMul", "Gemm"}, float64_ops(model)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     for batch, (h, w) in [(1, (1, 1)), (2, (1100, 300)), (1, (7, 1500)), (1, (333, 517))]:
         x = torch.cat([_chw(_synthetic(h, w, seed=s)) for s in range(batch)])

@@ -19,14 +19,7 @@ from torch import Tensor, nn
 
 from .. import registry
 from .build import build_sam
-from .preprocess import SamPreprocess
-
-
-def _longest_side_shape(orig_hw: Tensor) -> Tuple[Tensor, Tensor]:
-    """(new_h, new_w) as float64 tensors, as segment_anything's ResizeLongestSide.get_preprocess_shape."""
-    hw = orig_hw.to(torch.float64)
-    scale = registry.IMAGE_SIZE / torch.max(hw[0], hw[1])
-    return torch.floor(hw[0] * scale + 0.5), torch.floor(hw[1] * scale + 0.5)
+from .preprocess import SamPreprocess, longest_side_shape
 
 
 class ImageEncoderModel(nn.Module):
@@ -78,8 +71,8 @@ class PromptDecoderModel(nn.Module):
         orig_im_size: Tensor,
     ) -> Tuple[Tensor, Tensor]:
         # Coordinates: ResizeLongestSide.apply_coords computes in float64 and SamPredictor casts to float32.
-        new_h, new_w = _longest_side_shape(orig_im_size)
         hw = orig_im_size.to(torch.float64)
+        new_h, new_w = longest_side_shape(hw[0], hw[1])
         scale = torch.stack([new_w / hw[1], new_h / hw[0]])
         coords = (point_coords.to(torch.float64) * scale).to(torch.float32)
         sparse = self._embed_points(coords, point_labels)

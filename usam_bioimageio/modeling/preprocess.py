@@ -17,11 +17,18 @@ image before the ViT, reproduced bit for bit for inputs of any size, in ops that
    skips it; its weights would be ``[1, 0]``).
 3. :func:`normalize_and_pad`: ``(x - pixel_mean) / pixel_std`` in float32 and zero padding bottom / right.
 
-The weight matrices are built in the graph from ``torch.arange`` over the dynamic input sizes, in float64
-(every product ``pixel * weight`` and every sum is an integer below 2**31, so float64 matmuls are exact in
-any summation order). Their output axis always has ``image_size`` (1024) rows; rows past the resized size
-are zero, so the resized image comes out already zero-padded to 1024 x 1024 and no op in the graph has an
-output shape that depends on the data.
+The weight matrices are built in the graph from ``torch.arange`` over the dynamic input sizes. Host runtimes
+lack float64 kernels (ONNX Runtime 1.13.1 has no float64 ``Floor``; 1.15-1.25 fuse float64 MatMul + Transpose
+into a ``FusedMatMul`` without a float64 kernel), so the graph keeps float64 to the element-wise weight
+arithmetic that must repeat Pillow's doubles (Add, Sub, Mul, Div, Abs, comparisons, Where, CumSum), rounds
+by casting to int64 (a C truncation, as Pillow's ``(int)`` casts) and does the products in float32:
+the 22-bit weights are split into ``hi = w >> 6`` and ``lo = w & 63``, so that both ``sum(pixel * hi)``
+(< 255 * (2**16 + k / 128)) and ``sum(pixel * lo)`` (< 255 * 63 * k) stay below 2**24 for windows of
+``k <= 1044`` pixels (a downscaling factor up to ~520): every partial sum is an integer float32 holds
+exactly, in any summation order, and :func:`_clip8` recombines them exactly in float32.
+Their output axis always has ``image_size`` (1024) rows; rows past the resized size are zero, so the
+resized image comes out already zero-padded to 1024 x 1024 and no op in the graph has an output shape
+that depends on the data.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ __all__ = [
     "longest_side_shape",
     "normalize_and_pad",
     "pil_bilinear_resize",
+    "split_weights",
+    "trunc_nonnegative",
     "usam_to_uint8",
     "vertical_pass_first",
 ]
@@ -63,17 +72,26 @@ def usam_to_uint8(x: Tensor) -> Tensor:
     return torch.floor(x * 255.0)
 
 
+def trunc_nonnegative(x: Tensor) -> Tensor:
+    """``floor`` of a non-negative float tensor (C's ``(int)`` truncation of any), as a cast to int64 and back.
+
+    Host runtimes have no float64 ``Floor`` (ONNX Runtime 1.13.1); a Cast has kernels for every dtype.
+    """
+    return x.to(torch.int64).to(x.dtype)
+
+
 def longest_side_shape(h: Tensor, w: Tensor, target: int = IMAGE_SIZE) -> Tuple[Tensor, Tensor]:
     """``ResizeLongestSide.get_preprocess_shape`` on float64 tensors.
 
     ``scale = target / max(h, w)``; ``(int(h * scale + 0.5), int(w * scale + 0.5))``: the same IEEE double
-    operations as SAM's Python code, so the same result. Returns float64 tensors holding integers.
+    operations as SAM's Python code, so the same result. Returns float64 tensors holding integers. The one
+    graph version of this, used by every package that needs the resized size.
     """
     h = h.to(torch.float64)
     w = w.to(torch.float64)
     # a tensor / tensor division: ``scalar / tensor`` would be ``reciprocal(t) * scalar`` (two roundings)
     scale = torch.full_like(h, float(target)) / torch.maximum(h, w)
-    return torch.floor(h * scale + 0.5), torch.floor(w * scale + 0.5)
+    return trunc_nonnegative(h * scale + 0.5), trunc_nonnegative(w * scale + 0.5)
 
 
 def bilinear_weights(in_size: Tensor, out_size: Tensor, index_in: Tensor, rows: int) -> Tensor:
@@ -92,9 +110,9 @@ def bilinear_weights(in_size: Tensor, out_size: Tensor, index_in: Tensor, rows: 
     support = filterscale  # BILINEAR support is 1.0
     ss = torch.ones_like(filterscale) / filterscale
     center = (index_out + 0.5) * scale
-    # (int)(v + 0.5) truncates; floor differs only for v < 0, which the clamp to 0 maps to 0 either way
-    xmin = torch.clamp(torch.floor((center - support) + 0.5), min=0.0)
-    xmax = torch.minimum(torch.floor((center + support) + 0.5), in_size)
+    # (int)(v + 0.5) truncates; for v < 0 the clamp to 0 follows, so truncation and floor agree
+    xmin = torch.clamp(trunc_nonnegative((center - support) + 0.5), min=0.0)
+    xmax = torch.minimum(trunc_nonnegative((center + support) + 0.5), in_size)
     t = torch.abs(((j - center) + 0.5) * ss)
     w = torch.where(t < 1.0, 1.0 - t, torch.zeros_like(t))
     inside = (j >= xmin) & (j < xmax) & (index_out < out_size)
@@ -103,23 +121,47 @@ def bilinear_weights(in_size: Tensor, out_size: Tensor, index_in: Tensor, rows: 
     # order. The total is the last column.
     ww = torch.cumsum(w, dim=1)[:, -1:]
     w = w / torch.where(ww != 0.0, ww, torch.ones_like(ww))
-    # all weights are >= 0: (int)(0.5 + w * 2**22); w * 2**22 is exact, floor == trunc
-    return torch.floor(w * 4194304.0 + 0.5)
+    # all weights are >= 0: (int)(0.5 + w * 2**22); w * 2**22 is exact
+    return trunc_nonnegative(w * 4194304.0 + 0.5)
 
 
-def _clip8(acc: Tensor) -> Tensor:
-    """``clip8``: ``(acc >> 22)`` clipped to 0..255; ``acc`` is an exact integer in float64."""
-    return torch.clamp(torch.floor(acc * 2.384185791015625e-07), min=0.0, max=255.0)
+def split_weights(weights: Tensor) -> Tensor:
+    """(R, in) integer weights below 2**23 -> float32 (2R, in): ``hi = w >> 6`` stacked over ``lo = w & 63``.
+
+    ``sum(pixel * w) = 64 * sum(pixel * hi) + sum(pixel * lo)``, both sums exact in float32 (module notes).
+    """
+    hi = trunc_nonnegative(weights * 0.015625)  # / 64, exact (a power of two)
+    lo = weights - hi * 64.0
+    return torch.cat([hi, lo], dim=0).to(torch.float32)
+
+
+def _clip8(hi: Tensor, lo: Tensor) -> Tensor:
+    """``clip8((2**21 + acc) >> 22)`` for ``acc = 64 * hi + lo``, in float32.
+
+    ``hi``, ``lo``: float32 integers below 2**24 (so ``acc`` needs 30 bits, more than float32 holds).
+    With ``hi = 2**16 a1 + a0`` and ``lo = 2**22 b1 + b0``: ``acc + 2**21 = 2**22 (a1 + b1) + (64 a0 + b0 +
+    2**21)``, whose last term is below 2**24, so every step is exact.
+    """
+    a1 = torch.floor(hi * 1.52587890625e-05)  # 2**-16
+    a0 = hi - a1 * 65536.0
+    b1 = torch.floor(lo * 2.384185791015625e-07)  # 2**-22
+    b0 = lo - b1 * 4194304.0
+    rest = torch.floor((a0 * 64.0 + b0 + 2097152.0) * 2.384185791015625e-07)
+    return torch.clamp(a1 + b1 + rest, min=0.0, max=255.0)
 
 
 def _resample_cols(x: Tensor, weights: Tensor) -> Tensor:
-    """One horizontal pass: (..., R, W) x weights (C, W) -> 8-bit (..., R, C)."""
-    return _clip8(torch.matmul(x, weights.transpose(0, 1)) + 2097152.0)
+    """One horizontal pass: float32 (..., R, W) x split weights (2C, W) -> 8-bit (..., R, C)."""
+    acc = torch.matmul(x, weights.transpose(0, 1))
+    c = weights.shape[0] // 2
+    return _clip8(acc[..., :c], acc[..., c:])
 
 
 def _resample_rows(x: Tensor, weights: Tensor) -> Tensor:
-    """One vertical pass: weights (R, H) x (..., H, C) -> 8-bit (..., R, C)."""
-    return _clip8(torch.matmul(weights, x) + 2097152.0)
+    """One vertical pass: split weights (2R, H) x float32 (..., H, C) -> 8-bit (..., R, C)."""
+    acc = torch.matmul(weights, x)
+    r = weights.shape[0] // 2
+    return _clip8(acc[..., :r, :], acc[..., r:, :])
 
 
 def vertical_pass_first(in_h: Tensor, in_w: Tensor, out_h: Tensor, out_w: Tensor) -> Tensor:
@@ -151,7 +193,7 @@ def pil_bilinear_resize(
     under ``torch.jit.trace`` (and so the ONNX exporter given an ``nn.Module``) both orders are computed and
     the result selected with ``torch.where``, which keeps the choice dynamic at twice the cost.
     """
-    x = x.to(torch.float64)
+    x = x.to(torch.float32)
     index_y = torch.arange(x.shape[-2], dtype=torch.float64, device=x.device)
     index_x = torch.arange(x.shape[-1], dtype=torch.float64, device=x.device)
     size = torch._shape_as_tensor(x).to(device=x.device, dtype=torch.float64)
@@ -159,18 +201,18 @@ def pil_bilinear_resize(
     in_w = size[-1:]
     out_h = out_h.to(torch.float64)
     out_w = out_w.to(torch.float64)
-    weights_x = bilinear_weights(in_w, out_w, index_x, cols)  # (cols, W)
-    weights_y = bilinear_weights(in_h, out_h, index_y, rows)  # (rows, H)
+    weights_x = split_weights(bilinear_weights(in_w, out_w, index_x, cols))  # (2 cols, W)
+    weights_y = split_weights(bilinear_weights(in_h, out_h, index_y, rows))  # (2 rows, H)
     if not pillow13_pass_order:
-        return _resample_rows(_resample_cols(x, weights_x), weights_y).to(torch.float32)
+        return _resample_rows(_resample_cols(x, weights_x), weights_y)
     vertical_first = vertical_pass_first(in_h, in_w, out_h, out_w)
     if torch.jit.is_tracing():
         horizontal = _resample_rows(_resample_cols(x, weights_x), weights_y)
         vertical = _resample_cols(_resample_rows(x, weights_y), weights_x)
-        return torch.where(vertical_first, vertical, horizontal).to(torch.float32)
+        return torch.where(vertical_first, vertical, horizontal)
     if bool(vertical_first):
-        return _resample_cols(_resample_rows(x, weights_y), weights_x).to(torch.float32)
-    return _resample_rows(_resample_cols(x, weights_x), weights_y).to(torch.float32)
+        return _resample_cols(_resample_rows(x, weights_y), weights_x)
+    return _resample_rows(_resample_cols(x, weights_x), weights_y)
 
 
 def normalize_and_pad(x: Tensor, h: Tensor, w: Tensor, pixel_mean: List[float], pixel_std: List[float]) -> Tensor:
@@ -183,9 +225,10 @@ def normalize_and_pad(x: Tensor, h: Tensor, w: Tensor, pixel_mean: List[float], 
     mean = torch.tensor(pixel_mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(pixel_std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     y = (x.to(torch.float32) - mean) / std
-    index_y = torch.arange(x.shape[-2], dtype=torch.float64, device=x.device).unsqueeze(1)
-    index_x = torch.arange(x.shape[-1], dtype=torch.float64, device=x.device).unsqueeze(0)
-    valid = (index_y < h.to(torch.float64)) & (index_x < w.to(torch.float64))
+    # float32 indices: exact below 2**24
+    index_y = torch.arange(x.shape[-2], dtype=torch.float32, device=x.device).unsqueeze(1)
+    index_x = torch.arange(x.shape[-1], dtype=torch.float32, device=x.device).unsqueeze(0)
+    valid = (index_y < h.to(torch.float32)) & (index_x < w.to(torch.float32))
     return torch.where(valid, y, torch.zeros_like(y))
 
 

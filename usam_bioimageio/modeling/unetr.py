@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import registry
+from .preprocess import longest_side_shape
 
 __all__ = [
     "AIS_OUT_CHANNELS",
@@ -367,9 +368,7 @@ def maps_to_original(maps: Tensor, image: Tensor) -> Tensor:
     are the last two axes of ``image`` (only its shape is used). Crops to the longest-side-resized size of
     (h, w) and resizes bilinearly, as two matrix products. Traceable with dynamic sizes."""
     size = torch._shape_as_tensor(image).to(torch.float64)
-    h, w = size[-2:-1], size[-1:]
-    scale = torch.full_like(h, float(registry.IMAGE_SIZE)) / torch.maximum(h, w)
-    new_h, new_w = torch.floor(h * scale + 0.5), torch.floor(w * scale + 0.5)
+    new_h, new_w = longest_side_shape(size[-2:-1], size[-1:])
     rows = resize_matrix(new_h, torch.arange(image.shape[-2], dtype=torch.float32, device=maps.device),
                          maps.shape[-2])
     cols = resize_matrix(new_w, torch.arange(image.shape[-1], dtype=torch.float32, device=maps.device),

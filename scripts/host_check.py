@@ -1,0 +1,263 @@
+"""Host-conformance check: our packages run in the runtimes hosts use, without our code.
+
+Each host runtime (installed by scripts/host_envs.sh, each in a clean environment without this project)
+loads each package of a vit_t family with an AIS decoder, runs the package's test inputs at default
+session options, and its outputs are compared here with the package's test outputs: max abs diff <= 1e-4
+and, for the AIS maps, identical labels from µSAM's post-processing. bioimageio.core environments also run
+their own ``test_model`` on each package, which must pass. Prints a package x runtime table and writes
+``--report`` (default ``reports/hosts.json``):
+``{"runtimes": {name: {package: {"ok": bool, "max_abs": float, ...}}}, ...}``.
+
+usage: python scripts/host_check.py [--family DIR] [--runtimes NAME ...] [--report FILE] [--work DIR]
+Without ``--family``, a seeded random vit_t family with a seeded AIS decoder is exported first (all weight
+formats, from a DSB2018 test image). Exit status 1 when any package fails in any runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent / "hosts"
+DSB = ROOT.parent / "shared" / "data" / "dsb2018"
+TOLERANCE = 1e-4
+AIS_KINDS = ("ais", "ais_head")
+
+
+def hosts_dir() -> Path:
+    return Path(os.environ.get("USAM_HOSTS_DIR", Path.home() / ".cache" / "usam-bioimageio" / "hosts"))
+
+
+# name -> (weight formats it runs, command prefix given the environment folder)
+RUNTIMES = {
+    "ort-1.13.1": (("onnx",), lambda env: ["node", str(HERE / "run_node.js")]),
+    "ort-1.15.1": (("onnx",), lambda env: [str(env / "bin" / "python"), str(HERE / "run_python.py"), "onnx"]),
+    "ort-1.16.3": (("onnx",), lambda env: [str(env / "bin" / "python"), str(HERE / "run_python.py"), "onnx"]),
+    "ort-1.20.1": (("onnx",), lambda env: [str(env / "bin" / "python"), str(HERE / "run_python.py"), "onnx"]),
+    "ort-newest": (("onnx",), lambda env: [str(env / "bin" / "python"), str(HERE / "run_python.py"), "onnx"]),
+    "torch-1.13": (("torchscript",), lambda env: [str(env / "python"), "-s", str(HERE / "run_python.py"),
+                                                   "torchscript"]),
+    "torch-pinned": (("torchscript",), lambda env: [str(env / "bin" / "python"), str(HERE / "run_python.py"),
+                                                     "torchscript"]),
+    "core-0.10.4": (("onnx", "torchscript"), lambda env: [str(env / "bin" / "python"), str(HERE / "run_core.py")]),
+    "core-newest": (("onnx", "torchscript"), lambda env: [str(env / "bin" / "python"), str(HERE / "run_core.py")]),
+}
+
+
+def export_test_family(out: Path) -> Path:
+    """A seeded random vit_t with a seeded AIS decoder, exported in every weight format (not gated here: the
+    bioimageio.core environments of this check are the gate)."""
+    import torch
+
+    from usam_bioimageio.modeling import seeded_sam
+    from usam_bioimageio.modeling.unetr import seeded_ais_decoder_state
+    from usam_exporters.checkpoints import save_checkpoint
+    from usam_exporters.export import export_family
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    sid = json.loads((DSB / "splits.json").read_text())["test"][0]
+    ckpt = save_checkpoint(out / "vit_t_hosts.pt", sam_state=seeded_sam("vit_t", seed=0).state_dict(),
+                           decoder_state=seeded_ais_decoder_state("vit_t", 3, use_conv_transpose=True))
+    return export_family(checkpoint=ckpt, output_dir=out / "family", name="vit_t_hosts", test=False,
+                         sample_image=DSB / "images" / f"{sid}.png", sample_labels=DSB / "labels" / f"{sid}.tif")
+
+
+def _source(entry) -> str:
+    return entry if isinstance(entry, str) else entry["source"]
+
+
+def make_job(family: Path, work: Path) -> dict:
+    """Unpack each package of the family and list its weights and test tensors (from its rdf.yaml)."""
+    manifest = yaml.safe_load((family / "family.yaml").read_text())
+    packages = {}
+    for kind, entry in manifest["packages"].items():
+        zip_path = family / entry["file"]
+        folder = work / "packages" / kind
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(folder)
+        rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+        packages[kind] = {
+            "zip": str(zip_path),
+            "weights": {fmt: str(folder / _source(w)) for fmt, w in rdf["weights"].items()
+                        if fmt in ("onnx", "torchscript")},
+            "inputs": [[t["id"], str(folder / _source(t["test_tensor"]))] for t in rdf["inputs"]],
+            "outputs": [[t["id"], str(folder / _source(t["test_tensor"]))] for t in rdf["outputs"]],
+        }
+    return {"packages": packages}
+
+
+def _labels(kind: str, maps: np.ndarray, original_shape) -> np.ndarray:
+    from usam_bioimageio.automatic.ais import instances_from_maps
+    from usam_bioimageio.automatic.segment import maps_to_original
+
+    maps = np.asarray(maps, np.float32)[0]
+    if kind == "ais_head":
+        maps = maps_to_original(maps, original_shape)
+    return instances_from_maps(maps)
+
+
+def compare(job: dict, out: Path, name: str, formats) -> dict:
+    """Per package: ok, max_abs, and why not; per weight format where a runtime runs several."""
+    results = {}
+    image_shape = None
+    if "image_encoder" in job["packages"]:
+        image_shape = np.load(job["packages"]["image_encoder"]["inputs"][0][1], mmap_mode="r").shape[-2:]
+    for kind, package in job["packages"].items():
+        per_format = {}
+        for fmt in formats:
+            if fmt not in package["weights"]:
+                continue
+            r = {"ok": False, "max_abs": float("nan")}
+            err = out / f"{kind}.{fmt}.error"
+            core = out / f"{kind}.{fmt}.core.json"
+            if err.exists():
+                r["error"] = err.read_text().strip().splitlines()[-1][:500]
+                per_format[fmt] = r
+                continue
+            diffs, labels_equal, missing = [], True, []
+            for tensor, ref_file in package["outputs"]:
+                got_file = out / f"{kind}.{fmt}.{tensor}.npy"
+                if not got_file.exists():
+                    missing.append(tensor)
+                    continue
+                ref, got = np.load(ref_file), np.load(got_file)
+                if got.shape != ref.shape:
+                    r["error"] = f"{tensor}: shape {got.shape}, expected {ref.shape}"
+                    diffs.append(float("inf"))
+                    continue
+                diffs.append(float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))))
+                if kind in AIS_KINDS:
+                    labels_equal &= bool(np.array_equal(_labels(kind, got, image_shape),
+                                                        _labels(kind, ref, image_shape)))
+            if missing:
+                r["error"] = f"no output {missing}"
+            r["max_abs"] = max(diffs) if diffs else float("nan")
+            r["ok"] = not missing and bool(diffs) and r["max_abs"] <= TOLERANCE and labels_equal
+            if kind in AIS_KINDS:
+                r["labels_equal"] = labels_equal
+            if core.exists():
+                test = json.loads(core.read_text())
+                r["test_model"] = test["status"]
+                r["ok"] &= test["status"] == "passed"
+                if test["status"] != "passed":
+                    r["error"] = "; ".join(test["errors"])[:500] or "test_model failed"
+            per_format[fmt] = r
+        if not per_format:
+            continue
+        worst = max(v["max_abs"] if np.isfinite(v["max_abs"]) else float("inf") for v in per_format.values())
+        results[kind] = {"ok": all(v["ok"] for v in per_format.values()), "max_abs": worst}
+        if len(per_format) > 1:
+            results[kind]["formats"] = per_format
+        else:
+            results[kind].update({k: v for k, v in next(iter(per_format.values())).items() if k not in ("ok", "max_abs")})
+    return results
+
+
+def run_runtime(name: str, job_file: Path, job: dict, work: Path) -> dict:
+    formats, command = RUNTIMES[name]
+    env_dir = hosts_dir() / name
+    out = work / "outputs" / name
+    if not (env_dir / ".ready").exists():
+        return {kind: {"ok": False, "max_abs": float("nan"), "error": f"environment {env_dir} not installed "
+                       "(bash scripts/host_envs.sh)"} for kind in job["packages"]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
+    if name == "ort-1.13.1":
+        env["NODE_PATH"] = str(env_dir / "node_modules")
+    args = command(env_dir) + [str(job_file), str(out)]
+    if name.startswith("core-"):
+        args += list(formats)
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, env=env, cwd=work, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {kind: {"ok": False, "max_abs": float("nan"), "error": f"runner exited {proc.returncode}: {tail[0]}"}
+                for kind in job["packages"]}
+    results = compare(job, out, name, formats)
+    for r in results.values():
+        r["seconds_all_packages"] = round(seconds, 1)
+    return results
+
+
+def version_of(name: str) -> str:
+    """The runtime version actually installed in an environment."""
+    env_dir = hosts_dir() / name
+    probes = {
+        "ort": ("onnxruntime", "import onnxruntime as m; print(m.__version__)"),
+        "torch": ("torch", "import torch as m; print(m.__version__)"),
+        "core": ("bioimageio.core", "import bioimageio.core as m, bioimageio.spec as s, onnxruntime as o; "
+                 "print(m.__version__, 'spec', s.__version__, 'onnxruntime', o.__version__)"),
+    }
+    if name == "ort-1.13.1":
+        pkg = env_dir / "node_modules" / "onnxruntime-node" / "package.json"
+        return json.loads(pkg.read_text())["version"] + " (onnxruntime-node)" if pkg.exists() else "missing"
+    python = env_dir / "python" if name == "torch-1.13" else env_dir / "bin" / "python"
+    _, code = probes[name.split("-")[0]]
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() or "missing"
+
+
+def table(report: dict) -> str:
+    kinds = sorted({k for r in report["runtimes"].values() for k in r})
+    rows = ["| runtime | version | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for name, res in report["runtimes"].items():
+        cells = []
+        for k in kinds:
+            r = res.get(k)
+            cells.append("-" if r is None else f"{'pass' if r['ok'] else 'FAIL'} {r['max_abs']:.1e}")
+        rows.append(f"| {name} | {report['versions'].get(name, '')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", type=Path, help="a family folder (default: export a seeded vit_t family)")
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
+    parser.add_argument("--report", type=Path, default=ROOT / "reports" / "hosts.json")
+    parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="usam-hosts-") as tmp:
+        work = (args.work or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        family = args.family.resolve() if args.family else export_test_family(work)
+        export_s = time.perf_counter() - t0
+        job = make_job(family, work)
+        job_file = work / "job.json"
+        job_file.write_text(json.dumps(job, indent=1))
+        report = {"runtimes": {}, "versions": {}, "tolerance_max_abs": TOLERANCE,
+                  "family": "seeded vit_t + AIS decoder" if not args.family else str(args.family),
+                  "packages": sorted(job["packages"]), "export_seconds": round(export_s, 1),
+                  "host": f"{platform.machine()}, {os.cpu_count()} cores"}
+        for name in args.runtimes:
+            print(f"host check: {name} ...", file=sys.stderr, flush=True)
+            report["versions"][name] = version_of(name)
+            report["runtimes"][name] = run_runtime(name, job_file, job, work)
+    report["all_ok"] = all(r["ok"] for res in report["runtimes"].values() for r in res.values())
+    print(table(report))
+    for name, res in report["runtimes"].items():
+        for kind, r in res.items():
+            if not r["ok"]:
+                print(f"{name} / {kind}: {r.get('error') or json.dumps(r.get('formats', r))}")
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    tmp_report = args.report.with_name(args.report.name + ".part")
+    tmp_report.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp_report, args.report)
+    return 0 if report["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
