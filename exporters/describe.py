@@ -235,6 +235,18 @@ class TensorSpec:
                 ret[i] = f"{self.name}_{a.id}"
         return ret
 
+    @property
+    def fixed_dims(self) -> Dict[int, int]:
+        """Axes of a fixed size (batch 1, channels, fixed index / space sizes): written into the ONNX graph's
+        shapes, so that the graph says what the description says."""
+        ret: Dict[int, int] = {}
+        for i, a in enumerate(self.axes):
+            if isinstance(a, Channel):
+                ret[i] = len(a.names)
+            elif isinstance(a.size, int):
+                ret[i] = a.size
+        return ret
+
     def check(self, data: np.ndarray, *, what: str = "test tensor") -> None:
         """Check ``data`` against the axes (count, fixed sizes, parametrized sizes, channel names)."""
         if not isinstance(data, np.ndarray):
@@ -333,13 +345,16 @@ class ArchitectureSpec:
     """How to build the ``torch.nn.Module`` the ``pytorch_state_dict`` weights load into.
 
     Either ``import_from`` (``from <import_from> import <callable>``) or ``source`` (a Python file that
-    is put into the package and defines ``callable``).
+    is put into the package and defines ``callable``). ``requirements``: pip requirements the architecture
+    needs beyond torch (e.g. the distribution that holds ``import_from``); written as the weights'
+    ``dependencies`` (a conda environment file), so ``bioimageio test --runtime-env as-described`` can build it.
     """
 
     callable: str
     import_from: Optional[str] = None
     source: Optional[Path] = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    requirements: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if (self.import_from is None) == (self.source is None):
@@ -426,6 +441,13 @@ def _file(path: Union[str, Path]) -> Any:
     if not p.is_file():
         raise FileNotFoundError(p)
     return FileDescr(source=p.absolute())
+
+
+def environment_yaml(name: str, requirements: Sequence[str]) -> str:
+    """A conda environment file: python, pip, torch and ``requirements`` from PyPI."""
+    pip = "".join(f"      - {r}\n" for r in ["torch>=1.13", *requirements])
+    return (f"name: {name}\nchannels:\n  - conda-forge\n  - nodefaults\ndependencies:\n  - python>=3.10\n"
+            f"  - pip\n  - pip:\n{pip}")
 
 
 def _author(a: Any) -> Any:
@@ -516,6 +538,7 @@ def build_model_descr(
     packaged_by: Sequence[Any] = (),
     attachments: Sequence[Union[str, Path]] = (),
     git_repo: Optional[str] = None,
+    dependencies: Optional[Union[str, Path]] = None,
 ) -> Any:
     """Build a ``bioimageio.spec.model.v0_5.ModelDescr``.
 
@@ -536,6 +559,7 @@ def build_model_descr(
             (``relative_tolerance``, ``absolute_tolerance``, ``mismatched_elements_per_million``,
             ``output_ids``, ``weights_formats``); bioimageio's default is 1e-3/1e-3/100 ppm.
         git_repo: note that URLs are checked online during validation.
+        dependencies: conda environment file of the ``pytorch_state_dict`` weights.
     """
     from bioimageio.spec.model import v0_5
 
@@ -592,6 +616,7 @@ def build_model_descr(
             source=Path(weights["pytorch_state_dict"]).absolute(),
             architecture=arch,
             pytorch_version=torch_version,
+            dependencies=None if dependencies is None else _file(dependencies),
         )
     if "torchscript" in weights:
         w["torchscript"] = v0_5.TorchscriptWeightsDescr(

@@ -23,7 +23,7 @@ from usam_bioimageio.prompts import build_decoder_inputs
 
 from . import modules
 from .checkpoints import Checkpoint, as_micro_sam_infers, load_checkpoint
-from .describe import ANY, ArchitectureSpec, Batch, Index, Ref, Space, TensorSpec, channel
+from .describe import ANY, Batch, Index, Ref, Space, TensorSpec, channel
 from .package import DEFAULT_FORMATS, write_package
 from .samples import Sample, load_sample, synthetic_sample
 
@@ -32,6 +32,32 @@ SAM_CREDIT = (
     "Weights: Segment Anything (Kirillov et al. 2023, Apache-2.0) finetuned by µSAM (Archit et al., Nature "
     "Methods 2025) where the checkpoint says so. Architecture re-implemented in usam_bioimageio.modeling."
 )
+
+
+#: What a host must know before it tiles (README "What the packages expect"): stated in the documentation and
+#: ``config.usam.whole_image`` of the image encoder and the end-to-end AIS package.
+WHOLE_IMAGE_NOTE = (
+    "Give the whole image in one call, at any size. The package normalises each channel over the whole image "
+    "and resizes the image so that its longer side is 1024 pixels, so a host that tiles the input (with or "
+    "without a halo) gets other numbers: every tile would be normalised and resized on its own, and the ViT "
+    "attends globally, so no halo makes tiles agree. No halo is declared for this reason. For large images use "
+    "µSAM's tiling (`usam embed --tile-shape ... --halo ...`), which encodes each tile as micro-sam does."
+)
+
+
+def encoder_documentation(name: str, model_type: str) -> str:
+    return f"""# {name} image encoder
+
+The SAM / µSAM image encoder ({model_type}) with all of its input preprocessing in the graph: a 2D image of
+any size and value range (channels r, g, b; grey replicated, as µSAM does) in, SAM's 256 x 64 x 64 image
+embeddings out. Inside: µSAM's per-channel min-max normalisation to 0..255 (truncated, micro-sam 1.8.14),
+SAM's longest-side resize to 1024 (Pillow's antialiased bilinear, bit-exact), SAM's mean / std normalisation
+and zero padding to 1024 x 1024, then the ViT. The family's prompt decoder (and AIS head) take these embeddings.
+
+## Tiling
+
+{WHOLE_IMAGE_NOTE}
+"""
 
 
 def embedding_axes() -> list:
@@ -94,14 +120,14 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
         onnx_dynamic_axes={"image": {2: "y", 3: "x"}},
         output_path=out,
         name=f"{name} image encoder",
-        description=f"µSAM / SAM image encoder ({ckpt.model_type}): any 2D image -> 256x64x64 embeddings. {SAM_CREDIT}",
+        description=f"µSAM / SAM image encoder ({ckpt.model_type}): any 2D image (whole, not tiled) -> 256x64x64 embeddings. {SAM_CREDIT}",
         authors=AUTHORS,
-        architecture=ArchitectureSpec(callable="ImageEncoderModel", import_from="usam_bioimageio.modeling.packaged",
-                                      kwargs={"model_type": ckpt.model_type}),
+        architecture=modules.architecture("ImageEncoderModel", model_type=ckpt.model_type),
         formats=formats,
         tags=["segment-anything", "micro-sam", "image-encoder", "embeddings", ckpt.model_type],
         covers=[cover],
-        config=_family_config(ckpt, name, "image_encoder", sample=sample.source),
+        documentation=encoder_documentation(name, ckpt.model_type),
+        config=_family_config(ckpt, name, "image_encoder", sample=sample.source, whole_image=WHOLE_IMAGE_NOTE),
     )
     return embeddings
 
@@ -155,8 +181,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
         description=f"µSAM / SAM prompt encoder + mask decoder ({ckpt.model_type}): embeddings + points, boxes and "
                     f"mask prompts for many objects -> mask logits and predicted IoU. {SAM_CREDIT}",
         authors=AUTHORS,
-        architecture=ArchitectureSpec(callable="PromptDecoderModel", import_from="usam_bioimageio.modeling.packaged",
-                                      kwargs={"model_type": ckpt.model_type}),
+        architecture=modules.architecture("PromptDecoderModel", model_type=ckpt.model_type),
         formats=formats,
         tags=["segment-anything", "micro-sam", "prompt-decoder", "interactive-segmentation", ckpt.model_type],
         covers=[cover],

@@ -27,9 +27,10 @@ from usam_bioimageio.modeling.packaged import AisHeadModel, AisModel, ais_head_s
 from usam_bioimageio.modeling.unetr import AIS_CHANNEL_NAMES, maps_to_original, uses_conv_transpose
 from usam_bioimageio.overlay import overlay
 
+from . import modules
 from .checkpoints import Checkpoint
-from .describe import ANY, ArchitectureSpec, Batch, Ref, Space, TensorSpec, channel
-from .export import embedding_axes
+from .describe import ANY, Batch, Ref, Space, TensorSpec, channel
+from .export import WHOLE_IMAGE_NOTE, embedding_axes
 from .package import write_package
 from .samples import Sample
 
@@ -152,10 +153,7 @@ smoothing equal to µSAM's bioimage-cpp ones, label ids included).
 - µSAM runs this decoder with its BatchNorm layers in training mode (it never calls `eval()`), i.e. they
   normalise with the statistics of the input; the packaged graph does the same (the running statistics in
   the weights are unused).
-- The whole image is processed at once: it is resized so that its longer side is 1024 pixels, whatever
-  its size. Tiling by a host (e.g. with a halo) changes the result, because every tile is resized to 1024
-  pixels and normalised on its own and the ViT attends globally; no halo is declared for this reason.
-  Very large images should be segmented with µSAM's own tiled mode or at a reduced size.
+- The end-to-end `ais` package: {WHOLE_IMAGE_NOTE}
 """
     if kind == "ais":
         head = f"""# {name} automatic instance segmentation (end to end)
@@ -258,8 +256,7 @@ def write_ais_packages(
             description=f"µSAM automatic instance segmentation decoder ({checkpoint.model_type}) on the family's image "
                         f"embeddings -> foreground / centre distance / boundary distance maps. {CREDIT}",
             authors=AUTHORS,
-            architecture=ArchitectureSpec(callable="AisHeadModel", import_from="usam_bioimageio.modeling.packaged",
-                                          kwargs=arch_kwargs),
+            architecture=modules.architecture("AisHeadModel", **arch_kwargs),
             formats=formats,
             test=test,
             tags=tags + ["decoder"],
@@ -285,16 +282,16 @@ def write_ais_packages(
             onnx_dynamic_axes={"image": {2: "y", 3: "x"}, "maps": {2: "y", 3: "x"}},
             output_path=files["ais"],
             name=f"{name} AIS",
-            description=f"µSAM automatic instance segmentation ({checkpoint.model_type}), end to end: any 2D image -> "
-                        f"foreground / centre distance / boundary distance maps at the image size. {CREDIT}",
+            description=f"µSAM automatic instance segmentation ({checkpoint.model_type}), end to end: any 2D image "
+                        f"(whole, not tiled) -> foreground / centre distance / boundary distance maps at the image size. {CREDIT}",
             authors=AUTHORS,
-            architecture=ArchitectureSpec(callable="AisModel", import_from="usam_bioimageio.modeling.packaged",
-                                          kwargs=arch_kwargs),
+            architecture=modules.architecture("AisModel", **arch_kwargs),
             formats=formats,
             test=test,
             tags=tags,
             documentation=_documentation("ais", name, checkpoint.model_type),
             covers=[head_cover],
-            config=_config(checkpoint, name, "ais", conv_t, output_frame="image", sample=sample.source),
+            config=_config(checkpoint, name, "ais", conv_t, output_frame="image", sample=sample.source,
+                           whole_image=WHOLE_IMAGE_NOTE),
         )
     return files

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from usam_bioimageio import registry
+from usam_bioimageio import __version__, registry
 from usam_bioimageio.modeling.packaged import ImageEncoderModel, PromptDecoderModel, decoder_state, encoder_state
 
 from .checkpoints import Checkpoint
+from .describe import ArchitectureSpec
+
+
+def architecture(callable_name: str, **kwargs) -> ArchitectureSpec:
+    """The pytorch_state_dict architecture of a package module: a class of ``usam_bioimageio.modeling.packaged``
+    built with ``kwargs``, with this distribution (and its torch extra) as the weights' dependency."""
+    return ArchitectureSpec(callable=callable_name, import_from="usam_bioimageio.modeling.packaged", kwargs=kwargs,
+                            requirements=(f"usam-bioimageio[torch]=={__version__}",))
 
 
 def image_encoder(checkpoint: Checkpoint) -> ImageEncoderModel:

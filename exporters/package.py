@@ -39,6 +39,7 @@ from .describe import (
     build_model_descr,
     check_size_references,
     check_test_tensor_values,
+    environment_yaml,
 )
 
 DEFAULT_FORMATS: Tuple[str, ...] = ("torchscript", "onnx", "pytorch_state_dict")
@@ -250,9 +251,12 @@ def _export_onnx(
     dynamic_axes: Mapping[str, Any],
     opset: int,
     external_data: Optional[bool],
+    fixed_dims: Optional[Mapping[str, Mapping[int, int]]] = None,
 ) -> Optional[Path]:
     """Export to ``path`` (one file); with ``external_data`` (default: only if the model is >= 2 GiB)
-    the weights go to ``<path>.data``, which is returned."""
+    the weights go to ``<path>.data``, which is returned. ``fixed_dims``: tensor -> {axis: size} written
+    into the graph's input and output shapes (the exporter leaves e.g. an output's batch axis symbolic
+    when an input has dynamic axes)."""
     import onnx
     import torch
 
@@ -281,6 +285,12 @@ def _export_onnx(
     graph_outputs = [o.name for o in model.graph.output]
     if graph_outputs != list(output_names):
         raise ValueError(f"the ONNX graph has outputs {graph_outputs}, expected {list(output_names)}")
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, size in (fixed_dims or {}).get(value.name, {}).items():
+            if dims[axis].HasField("dim_value") and dims[axis].dim_value != size:
+                raise ValueError(f"ONNX {value.name} axis {axis} has size {dims[axis].dim_value}, described {size}")
+            dims[axis].dim_value = size
     # opset 17 needs only IR version 8 (onnx 1.12); keep the IR version as low as the opset allows
     ir_for_opset = {opset_: ir for _, ir, opset_, *_ in onnx.helper.VERSION_TABLE}
     max_ir = ir_for_opset.get(opset)
@@ -480,6 +490,40 @@ def make_cover(
 # the writer
 # --------------------------------------------------------------------------------------------------
 
+# The rdf.yaml form every parser we support reads (README, "Decision: the rdf.yaml form"): bioimageio.spec
+# 0.5.12 writes ``documentation`` / ``covers`` as {source, sha256}, which spec 0.5.10 (bioimageio.core 0.10.4,
+# BioEngine's) refuses, while 0.5.12+ refuses plain file names under format_version 0.5.12. Format 0.5.10 with
+# plain names is read by 0.5.10 natively and converted by 0.5.12 and 0.5.14; nothing we write is newer.
+RDF_FORMAT_VERSION = "0.5.10"
+_PLAIN_FILE_FIELDS = ("documentation", "covers")
+
+
+def write_portable_rdf(zip_path: Path) -> None:
+    """Rewrite the package's rdf.yaml in the form every supported parser reads (in place, atomically)."""
+    import zipfile
+
+    import yaml
+
+    with zipfile.ZipFile(zip_path) as z:
+        members = [(info, z.read(info)) for info in z.infolist()]
+    rdf_index = next(i for i, (info, _) in enumerate(members) if info.filename == "rdf.yaml")
+    text = members[rdf_index][1].decode("utf-8")
+    rdf = yaml.safe_load(text)
+    for key in _PLAIN_FILE_FIELDS:
+        if isinstance(rdf.get(key), list):
+            rdf[key] = [v["source"] if isinstance(v, dict) else v for v in rdf[key]]
+        elif isinstance(rdf.get(key), dict):
+            rdf[key] = rdf[key]["source"]
+    rdf["format_version"] = RDF_FORMAT_VERSION
+    header = "%YAML 1.2\n---\n" if text.startswith("%YAML") else ""
+    body = header + yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True, width=100)
+    members[rdf_index] = (members[rdf_index][0], body.encode("utf-8"))
+    tmp = zip_path.with_name(zip_path.name + ".part")
+    with zipfile.ZipFile(tmp, "w") as z:
+        for info, data in members:
+            z.writestr(info, data)
+    os.replace(tmp, zip_path)
+
 
 def write_package(
     *,
@@ -630,6 +674,7 @@ def write_package(
                 else onnx_dynamic_axes,
                 opset=onnx_opset,
                 external_data=onnx_external_data,
+                fixed_dims={t.name: t.fixed_dims for t in list(inputs) + list(outputs)},
             )
             if data_file is not None:
                 weights["onnx_data"] = data_file
@@ -676,7 +721,13 @@ def write_package(
         if arch is not None and arch.source is not None:
             src = files / Path(arch.source).name
             shutil.copyfile(arch.source, src)
-            arch = ArchitectureSpec(callable=arch.callable, source=src, kwargs=arch.kwargs)
+            arch = ArchitectureSpec(callable=arch.callable, source=src, kwargs=arch.kwargs,
+                                    requirements=arch.requirements)
+        environment = None
+        if arch is not None and arch.requirements and "pytorch_state_dict" in formats:
+            environment = files / "environment.yaml"
+            environment.write_text(environment_yaml(re.sub(r"[^a-z0-9_-]+", "-", name.lower()), arch.requirements),
+                                   encoding="utf-8")
 
         descr = build_model_descr(
             name=name,
@@ -699,11 +750,13 @@ def write_package(
             version=version,
             maintainers=maintainers,
             attachments=attachment_paths,
+            dependencies=environment,
         )
 
         from bioimageio.spec import save_bioimageio_package
 
         zip_path = save_bioimageio_package(descr, output_path=work / output_path.name)
+        write_portable_rdf(zip_path)
         if test:
             summary = validate_package(zip_path, devices=devices)
             if not summary.passed or set(summary.formats) != set(formats):

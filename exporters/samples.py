@@ -23,7 +23,7 @@ class Sample:
     labels: Optional[np.ndarray]
     points: np.ndarray
     boxes: np.ndarray
-    source: str
+    source: str  # what the image is, without machine paths (it goes into the packages' rdf)
 
 
 def prompts_from_labels(labels: np.ndarray, *, n_objects: int = 3):
@@ -58,7 +58,16 @@ def load_sample(image: Union[str, Path], labels: Optional[Union[str, Path]] = No
         lab = None
         points = np.asarray([[[w / 2, h / 2]]])
         boxes = np.asarray([[w / 4, h / 4, 3 * w / 4, 3 * h / 4]])
-    return Sample(image=img, labels=lab, points=points, boxes=boxes, source=str(image))
+    return Sample(image=img, labels=lab, points=points, boxes=boxes, source=portable_name(image))
+
+
+def portable_name(path: Union[str, Path]) -> str:
+    """A file's name as a package may record it, without machine paths: relative to the last folder called
+    ``data`` (``dsb2018/images/<id>.png`` for ``../shared/data``), else the file name alone."""
+    parts = Path(path).parts
+    if "data" in parts[:-1]:
+        return "/".join(parts[len(parts) - parts[::-1].index("data"):])
+    return parts[-1]
 
 
 def synthetic_sample(*, size: int = 256, n_objects: int = 3, seed: int = 0) -> Sample:

@@ -19,8 +19,11 @@ declare -A PIP_ENVS=(
   # BioEngine's bioimageio.core; bioimageio.spec 0.5.10.x breaks with pydantic 2.14
   [core-0.10.4]="bioimageio.core==0.10.4 pydantic<2.14 onnxruntime torch==2.13.0"
   [core-newest]="bioimageio.core bioimageio.spec pydantic<2.14 onnxruntime torch==2.13.0"
+  # the newest bioimageio.spec alone (bioimageio.core pins an older one): descriptions only
+  [spec-newest]="bioimageio.spec pydantic<2.14"
 )
-ALL=(ort-1.13.1 ort-1.15.1 ort-1.16.3 ort-1.20.1 ort-newest torch-1.13 torch-pinned core-0.10.4 core-newest)
+ALL=(ort-1.13.1 ort-1.15.1 ort-1.16.3 ort-1.20.1 ort-newest torch-1.13 torch-pinned core-0.10.4 core-newest
+     spec-newest)
 
 ready() {  # an environment is ready when its stamp holds its requirements
   [ -f "$HOSTS_DIR/$1/.ready" ] && [ "$(cat "$HOSTS_DIR/$1/.ready")" = "$2" ]
@@ -46,18 +49,17 @@ install_ort_node() {  # ONNX Runtime 1.13.1, the native library, as onnxruntime-
   echo "$reqs" > "$dir/.ready"
 }
 
-install_debian_torch() {  # torch 1.13 as Debian ships it, with Debian's python and numpy
-  local dir=$HOSTS_DIR/torch-1.13 reqs="python3-torch"
-  if ! /usr/bin/python3 -c "import torch" 2>/dev/null; then
-    if [ ! -d /var/lib/apt/lists ] || [ -z "$(ls /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
-      apt-get update -qq
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch >/dev/null \
-      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch >/dev/null; }
+install_debian_torch() {  # torch 1.13 as Debian ships it, with Debian's python and numpy; OpenBLAS as the
+  # BLAS (Debian's default reference BLAS makes its matmuls ~20x slower; a Debian host installs OpenBLAS too)
+  local dir=$HOSTS_DIR/torch-1.13 debs="python3-torch libopenblas0-pthread"
+  # shellcheck disable=SC2086
+  if ! dpkg -s $debs >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $debs >/dev/null 2>&1 \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $debs >/dev/null; }
   fi
   mkdir -p "$dir"
   ln -sf /usr/bin/python3 "$dir/python"
-  echo "$reqs" > "$dir/.ready"
+  echo "$debs" > "$dir/.ready"
 }
 
 names=("$@")

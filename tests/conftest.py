@@ -2,6 +2,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 
 import json  # noqa: E402
 
@@ -95,44 +96,24 @@ def training_crops(n: int = 12, n_min: int = 3):
     return out
 
 
-AIS_TEST_DECODER_SEED = 3
+@pytest.fixture(scope="session")
+def vit_t_host_family(tmp_path_factory, usam_cache, data_dir):
+    """The host check's family (``scripts/host_check.py``): the seeded vit_t (as ``vit_t_family``) with a seeded
+    UNETR decoder (seed ``host_check.AIS_DECODER_SEED``), all four packages in ONNX and torchscript, not gated here:
+    ``tests/test_hosts.py`` runs every package in every host runtime and in bioimageio.core."""
+    import host_check
+
+    return host_check.export_test_family(tmp_path_factory.mktemp("hosts-family"), quick=True)
 
 
 @pytest.fixture(scope="session")
-def vit_t_ais_family(tmp_path_factory, vit_t_family):
-    """The vit_t family plus an ``ais_head`` package (ONNX) of a seeded random UNETR decoder, for runtime tests.
-    Not gated by bioimageio.core (the AIS exports are gated in the slow tests): a fixture, not a product.
-    Returns (folder, decoder state)."""
-    import shutil
+def vit_t_ais_family(vit_t_host_family):
+    """(folder, decoder state) of a family with AIS packages (``ais`` and ``ais_head``), for runtime tests."""
+    import host_check
 
-    import torch
-    import yaml
-
-    from usam_bioimageio.download import sha256_of
-    from usam_bioimageio.embeddings import image_to_input
     from usam_bioimageio.modeling.unetr import seeded_ais_decoder_state
-    from usam_bioimageio.packages import FAMILY_FILE, load_package
-    from usam_exporters import modules
-    from usam_exporters.checkpoints import Checkpoint
-    from usam_exporters.export_ais import write_ais_packages
-    from usam_exporters.samples import load_sample
 
-    base, state = vit_t_family
-    folder = tmp_path_factory.mktemp("ais-head") / "family"
-    shutil.copytree(base, folder)
-    decoder_state = seeded_ais_decoder_state("vit_t", AIS_TEST_DECODER_SEED, use_conv_transpose=True)
-    ckpt = Checkpoint(model_type="vit_t", sam_state=state, source="seeded", decoder_state=decoder_state)
-    sid = dsb_test_ids()[0]
-    sample = load_sample(DSB / "images" / f"{sid}.png", DSB / "labels" / f"{sid}.tif")
-    with torch.no_grad():
-        embeddings = modules.image_encoder(ckpt)(torch.from_numpy(image_to_input(sample.image))).numpy()
-    files = {"image_encoder": folder / "image_encoder.zip"}
-    write_ais_packages(ckpt, sample, embeddings, load_package(folder / "image_encoder.zip").identity, "vit_t_random",
-                       files, ("onnx",), tmp_path_factory.mktemp("ais-head-work"), kinds=("ais_head",), test=False)
-    manifest = yaml.safe_load((folder / FAMILY_FILE).read_text())
-    manifest["packages"]["ais_head"] = {"file": files["ais_head"].name, "sha256": sha256_of(files["ais_head"])}
-    (folder / FAMILY_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return folder, decoder_state
+    return vit_t_host_family, seeded_ais_decoder_state("vit_t", host_check.AIS_DECODER_SEED, use_conv_transpose=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ test inputs, other valid sizes run) and one prediction of the test inputs throug
 pipeline, whose outputs are written as OUT/<package>.<format>.<tensor>.npy for the caller to compare.
 ``OUT/<package>.<format>.core.json`` holds the test's status and errors; ``.error`` a crash.
 
-usage: python run_core.py JOB OUT FORMAT [FORMAT ...]
+usage: python run_core.py JOB OUT PREDICT_FORMATS TEST_FORMATS   (comma-separated; TEST_FORMATS may be
+"-" for none)
 """
 
 import json
@@ -28,7 +29,8 @@ def predict(descr, fmt):
 
 
 def main():
-    job, out, formats = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), sys.argv[3:]
+    job, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    formats, tested = sys.argv[3].split(","), [f for f in sys.argv[4].split(",") if f != "-"]
     from bioimageio.core import load_description, test_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -37,10 +39,15 @@ def main():
             if fmt not in package["weights"]:
                 continue
             try:
-                summary = test_model(package["zip"], weight_format=fmt)
-                errors = [f"{d.name}: {e.msg}" for d in summary.details for e in d.errors]
-                (out / f"{name}.{fmt}.core.json").write_text(json.dumps({"status": summary.status, "errors": errors}))
-                descr = load_description(package["zip"])
+                if fmt in tested:
+                    summary = test_model(package["zip"], weight_format=fmt)
+                    errors = [f"{d.name}: {e.msg}" for d in summary.details for e in d.errors]
+                    (out / f"{name}.{fmt}.core.json").write_text(json.dumps({"status": summary.status,
+                                                                             "errors": errors}))
+                descr = load_description(package["zip"], perform_io_checks=True)
+                if descr.validation_summary.status == "failed":
+                    errors = [f"{d.name}: {e.msg}" for d in descr.validation_summary.details for e in d.errors]
+                    raise RuntimeError("invalid description: " + "; ".join(errors))
                 for tensor, value in predict(descr, fmt).items():
                     np.save(out / f"{name}.{fmt}.{tensor}.npy", value)
             except Exception:
