@@ -76,7 +76,7 @@ def _checkpoint(model_type: str, folder: Path) -> Path:
 def _family(checkpoint: Path, model_type: str, folder: Path) -> Path:
     family = folder / "family"
     if not (family / "family.yaml").is_file():
-        from usam_exporters.export import export_family
+        from usam_exporters.family import export_family
 
         print(f"exporting {checkpoint.name} (ONNX weights) into {family} ...", flush=True)
         export_family(checkpoint=checkpoint, output_dir=family, name=f"{model_type}_ais_random", formats=("onnx",),
@@ -86,7 +86,7 @@ def _family(checkpoint: Path, model_type: str, folder: Path) -> Path:
 
 def _images(n: int):
     """n DSB2018 test images (real, RGB/gray as stored) and their names."""
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     ids = json.loads((DSB / "splits.json").read_text())["test"][:n]
     return [(i[:8], np.asarray(read_image(DSB / "images" / f"{i}.png"))) for i in ids]
@@ -103,9 +103,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append the Markdown section to this file")
     args = parser.parse_args()
 
-    from usam_bioimageio.automatic.segment import automatic_instance_segmentation
-    from usam_bioimageio.embeddings import compute_embeddings
-    from usam_bioimageio.model import SamModel
+    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.model import SamModel
 
     folder = args.workdir / args.model_type
     checkpoint = _checkpoint(args.model_type, folder)

@@ -1,4 +1,4 @@
-"""Time our automatic mask generation (usam_bioimageio.automatic.amg) against segment_anything's.
+"""Time our automatic mask generation (usam_bioimageio.automatic.amg.generator) against segment_anything's.
 
 Same weights, same image, same parameters, in one process, runs interleaved (ours, reference, ours, ...),
 embeddings computed beforehand for both (the timed part is the mask generation: point-grid decoding,
@@ -43,7 +43,7 @@ def _random_family(model_type: str, workdir: Path):
     if not (family / "family.yaml").is_file() or not state_file.is_file():
         from usam_bioimageio.modeling import seeded_sam
         from usam_exporters.checkpoints import save_checkpoint
-        from usam_exporters.export import export_family
+        from usam_exporters.family import export_family
 
         root.mkdir(parents=True, exist_ok=True)
         state = seeded_sam(model_type, seed=0).state_dict()
@@ -56,7 +56,7 @@ def _random_family(model_type: str, workdir: Path):
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     return np.asarray(read_image(path))
 
@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     import torch
 
     from reference import usam_to_image
-    from usam_bioimageio.automatic.amg import AmgParameters, generate_masks
-    from usam_bioimageio.embeddings import compute_embeddings
-    from usam_bioimageio.model import SamModel
+    from usam_bioimageio.automatic.amg.generator import AmgParameters, generate_masks
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.model import SamModel
 
     torch.set_num_threads(args.threads)
     if args.family is None:

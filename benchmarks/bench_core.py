@@ -53,9 +53,9 @@ if args["path"] == "reference":
     tb = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float), (h, w))
     out["boxes32_s"] = timed(lambda: predictor.predict_torch(None, None, boxes=tb, multimask_output=False), args["repeats"])
 else:
-    from usam_bioimageio.embeddings import compute_embeddings
-    from usam_bioimageio.model import SamModel
-    from usam_bioimageio.prompts import segment_from_prompts
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.prompting.predict import segment_from_prompts
     model = SamModel.load(args["family"], weight_format=args["path"], num_threads=args["threads"])
     emb = compute_embeddings(model, image)
     out["embed_s"] = timed(lambda: compute_embeddings(model, image), args["repeats"])
@@ -81,7 +81,7 @@ def measure(path: str, args: argparse.Namespace, family: Path) -> dict:
 def export(model_type: str, folder: Path) -> Path:
     from usam_bioimageio.modeling import seeded_sam
     from usam_exporters.checkpoints import save_checkpoint
-    from usam_exporters.export import export_family
+    from usam_exporters.family import export_family
 
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / f"{model_type}_seed0.pt"

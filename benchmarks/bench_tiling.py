@@ -32,8 +32,8 @@ OURS = r"""
 import json, resource, sys, time
 import numpy as np
 args = json.loads(sys.argv[1])
-from usam_bioimageio.model import SamModel
-from usam_bioimageio.tiling import compute_tiled_embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.embeddings.compute import compute_tiled_embeddings
 image = np.load(args["image"], mmap_mode="r")
 model = SamModel.load(args["family"], num_threads=args["threads"])
 t = time.perf_counter()
@@ -90,7 +90,7 @@ def large_image(size: int):
 def compare(ours_cache: Path, micro_sam_cache: Path) -> dict:
     import numpy as np
 
-    from usam_bioimageio.cache import load_cache, load_micro_sam_embeddings
+    from usam_bioimageio.embeddings.cache import load_cache, load_micro_sam_embeddings
 
     ours, theirs = load_cache(ours_cache), load_micro_sam_embeddings(micro_sam_cache)
     diff, scale = 0.0, 0.0

@@ -32,7 +32,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from usam_bioimageio import download
+from usam_bioimageio.io import download
 from usam_bioimageio.registry import ARCHITECTURES, PUBLISHED_MODELS, PublishedModel
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "save_compact_checkpoint", "SAM_PREFIX"]

@@ -8,7 +8,7 @@ from usam_bioimageio import __version__, registry
 from usam_bioimageio.modeling.packaged import ImageEncoderModel, PromptDecoderModel, decoder_state, encoder_state
 
 from .checkpoints import Checkpoint
-from .describe import ArchitectureSpec
+from .specs import ArchitectureSpec
 
 
 def architecture(callable_name: str, **kwargs) -> ArchitectureSpec:

@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from usam_bioimageio.io import read_image
+from usam_bioimageio.io.images import read_image
 
 
 @dataclass(frozen=True)

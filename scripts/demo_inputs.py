@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usam_bioimageio.io import read_image
+from usam_bioimageio.io.images import read_image
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ Run with a Python that has python-elf (e.g. the environment scripts/regenerate_a
 
 Only numbers are stored. tests/test_evaluation.py imports :func:`cases` from this file (numpy / scipy /
 tifffile only at module level), rebuilds the same label images from the shared data and compares
-``usam_bioimageio.evaluation`` with the stored values of ``elf.evaluation.mean_segmentation_accuracy``
+``usam_bioimageio.evaluation.metrics`` with the stored values of ``elf.evaluation.mean_segmentation_accuracy``
 (``return_accuracies=True``, default thresholds) and ``elf.evaluation.matching`` (threshold 0.5), which are
 what micro_sam 1.8.14's ``evaluation.run_evaluation`` reports.
 """

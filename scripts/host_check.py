@@ -79,7 +79,7 @@ def export_test_family(out: Path, *, quick: bool = False) -> Path:
     from usam_bioimageio.modeling import seeded_sam
     from usam_bioimageio.modeling.unetr import seeded_ais_decoder_state
     from usam_exporters.checkpoints import save_checkpoint
-    from usam_exporters.export import export_family
+    from usam_exporters.family import export_family
 
     sid = json.loads((DSB / "splits.json").read_text())["test"][0]
     ckpt = save_checkpoint(out / "vit_t_hosts.pt", sam_state=seeded_sam("vit_t", seed=0).state_dict(),
@@ -114,8 +114,8 @@ def make_job(family: Path, work: Path) -> dict:
 
 
 def _labels(kind: str, maps: np.ndarray, original_shape) -> np.ndarray:
-    from usam_bioimageio.automatic.ais import instances_from_maps
-    from usam_bioimageio.automatic.segment import maps_to_original
+    from usam_bioimageio.automatic.ais.postprocess import instances_from_maps
+    from usam_bioimageio.automatic.ais.decoder import maps_to_original
 
     maps = np.asarray(maps, np.float32)[0]
     if kind == "ais_head":

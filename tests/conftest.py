@@ -37,7 +37,7 @@ def usam_cache(tmp_path_factory):
 def _export(tmp_path_factory, model_type, formats=None, test=True):
     from usam_bioimageio.modeling import seeded_sam
     from usam_exporters.checkpoints import save_checkpoint
-    from usam_exporters.export import export_family
+    from usam_exporters.family import export_family
 
     root = tmp_path_factory.mktemp(f"family-{model_type}")
     state = seeded_sam(model_type, seed=0).state_dict()
@@ -68,7 +68,7 @@ def real_images():
     """A few real images of several sizes and dtypes: (name, array)."""
     import tifffile
 
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     bacteria = sorted((DATA / "bacteria_tracking" / "data" / "bacteria" / "img").glob("*.tif"))
     return [
@@ -83,7 +83,7 @@ def training_crops(n: int = 12, n_min: int = 3):
     """128 x 128 crops (image, labels) of the first ``n`` DSB2018 train images with >= ``n_min`` objects."""
     import tifffile
 
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     ids = json.loads((DSB / "splits.json").read_text())["train"][:n]
     out = []
@@ -126,7 +126,7 @@ def joint_training(tmp_path_factory, usam_cache, data_dir):
 
     from usam_bioimageio.modeling import seeded_sam
     from usam_bioimageio.training import TrainConfig, train
-    from usam_exporters.export import export_family
+    from usam_exporters.family import export_family
 
     root = tmp_path_factory.mktemp("joint")
     torch.set_num_threads(2)

@@ -81,7 +81,7 @@ def _max_diff(a, b) -> float:
 
 
 def _eager_maps(sam_state, decoder_state, model_type, image):
-    from usam_bioimageio.embeddings import image_to_input
+    from usam_bioimageio.embeddings.compute import image_to_input
     from usam_bioimageio.modeling.packaged import AisModel, ais_state
     from usam_bioimageio.modeling.unetr import uses_conv_transpose
 
@@ -177,7 +177,7 @@ def test_batchnorm_uses_batch_statistics_like_musam():
 def test_crop_and_resize_equal_torch_em(shape):
     """The graph's (interpolation matrices) and the runtime's (numpy) crop + resize == torch_em's
     postprocess_masks (F.interpolate)."""
-    from usam_bioimageio.automatic.segment import maps_to_original as numpy_maps_to_original
+    from usam_bioimageio.automatic.ais.decoder import maps_to_original as numpy_maps_to_original
     from usam_bioimageio.modeling.unetr import maps_to_original, postprocess_like_torch_em
 
     padded = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(sum(shape)))
@@ -204,11 +204,11 @@ def ais_family(vit_t_family, reference, sam_state, tmp_path_factory):
     for every weight format), and family.yaml updated. Returns (folder, decoder_state, write seconds)."""
     import time
 
-    from usam_bioimageio.download import sha256_of
-    from usam_bioimageio.packages import FAMILY_FILE, load_package
+    from usam_bioimageio.io.download import sha256_of
+    from usam_bioimageio.runtime.packages import FAMILY_FILE, load_package
     from usam_exporters import modules
     from usam_exporters.checkpoints import Checkpoint
-    from usam_exporters.export_ais import write_ais_packages
+    from usam_exporters.ais import write_ais_packages
     from usam_exporters.samples import load_sample
 
     meta, _ = reference
@@ -222,7 +222,7 @@ def ais_family(vit_t_family, reference, sam_state, tmp_path_factory):
         ckpt = Checkpoint(model_type="vit_t", sam_state=sam_state, decoder_state=decoder_state, source="seeded")
         sid = dsb_test_ids()[0]
         sample = load_sample(DSB / "images" / f"{sid}.png", DSB / "labels" / f"{sid}.tif")
-        from usam_bioimageio.embeddings import image_to_input
+        from usam_bioimageio.embeddings.compute import image_to_input
 
         with torch.no_grad():
             embeddings = modules.image_encoder(ckpt)(torch.from_numpy(image_to_input(sample.image))).numpy()
@@ -244,8 +244,8 @@ def ais_family(vit_t_family, reference, sam_state, tmp_path_factory):
 @pytest.mark.slow  # exports and gates both AIS packages (12+ full-size decoder runs)
 def test_packages_written_and_described(ais_family):
     """(b) write_package writes a package only after bioimageio.core's test passed for every format."""
-    from usam_bioimageio.automatic.ais import AisParameters
-    from usam_bioimageio.packages import load_family
+    from usam_bioimageio.automatic.ais.postprocess import AisParameters
+    from usam_bioimageio.runtime.packages import load_family
 
     folder, _, seconds = ais_family
     if seconds is not None:
@@ -280,9 +280,9 @@ def stardist_image(reference):
 @pytest.fixture(scope="session")
 def runtime_maps(ais_family, stardist_image):
     """weight format -> (maps, embeddings) of the runtime (image encoder + ais_head packages)."""
-    from usam_bioimageio.automatic.segment import ais_maps
-    from usam_bioimageio.embeddings import compute_embeddings
-    from usam_bioimageio.model import SamModel
+    from usam_bioimageio.automatic.ais.decoder import ais_maps
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.model import SamModel
 
     folder, _, _ = ais_family
     out = {}
@@ -328,8 +328,8 @@ assert not bad, bad
 @pytest.fixture(scope="session")
 def standalone_maps(ais_family, stardist_image, tmp_path_factory):
     """(d) The end-to-end package run with nothing but onnxruntime + numpy, and nothing but torch + numpy."""
-    from usam_bioimageio.embeddings import image_to_input
-    from usam_bioimageio.packages import load_package
+    from usam_bioimageio.embeddings.compute import image_to_input
+    from usam_bioimageio.runtime.packages import load_package
 
     folder, _, _ = ais_family
     package = load_package(folder / "ais.zip")
@@ -376,15 +376,15 @@ def test_standalone_end_to_end_equals_runtime(standalone_maps, runtime_maps, eag
 
 @pytest.fixture(scope="session")
 def ais_model_onnx(ais_family):
-    from usam_bioimageio.model import SamModel
+    from usam_bioimageio.runtime.model import SamModel
 
     return SamModel.load(ais_family[0])
 
 
 @pytest.mark.slow  # exports and gates both AIS packages (12+ full-size decoder runs)
 def test_automatic_instance_segmentation_real_image(ais_model_onnx, runtime_maps, stardist_image):
-    from usam_bioimageio.automatic.ais import AisParameters, instances_from_maps
-    from usam_bioimageio.automatic.segment import automatic_instance_segmentation
+    from usam_bioimageio.automatic.ais.postprocess import AisParameters, instances_from_maps
+    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
 
     maps, embeddings = runtime_maps["onnx"]
     params = AisParameters(min_size=5)
@@ -397,14 +397,14 @@ def test_automatic_instance_segmentation_real_image(ais_model_onnx, runtime_maps
 @pytest.fixture(scope="session")
 def head_model(vit_t_ais_family):
     """The runtime on an (ungated) AIS head package: fast, for the runtime's edge cases and errors in CI."""
-    from usam_bioimageio.model import SamModel
+    from usam_bioimageio.runtime.model import SamModel
 
     return SamModel.load(vit_t_ais_family[0])
 
 
 def test_edge_case_images(head_model):
     """A constant image (µSAM's normalisation maps it to 0) and a 1-pixel image give maps and labels."""
-    from usam_bioimageio.automatic.segment import ais_maps, automatic_instance_segmentation
+    from usam_bioimageio.automatic.ais.decoder import ais_maps, automatic_instance_segmentation
 
     ais_model_onnx = head_model
     maps = ais_maps(ais_model_onnx, np.full((40, 30), 7, np.uint16))
@@ -416,10 +416,10 @@ def test_edge_case_images(head_model):
 def test_errors(head_model, vit_t_family, stardist_image):
     from dataclasses import replace
 
-    from usam_bioimageio.automatic.segment import ais_maps, automatic_instance_segmentation
-    from usam_bioimageio.embeddings import compute_embeddings
-    from usam_bioimageio.model import SamModel
-    from usam_bioimageio.packages import PackageError
+    from usam_bioimageio.automatic.ais.decoder import ais_maps, automatic_instance_segmentation
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.errors import PackageError
 
     ais_model_onnx = head_model
     embeddings = compute_embeddings(head_model, stardist_image)
@@ -444,7 +444,7 @@ def test_errors(head_model, vit_t_family, stardist_image):
 def test_checkpoint_with_decoder_state_round_trip(tmp_path, sam_state, reference):
     """A µSAM-layout checkpoint with decoder_state -> Checkpoint.decoder_state -> both modules, strictly."""
     from usam_exporters.checkpoints import load_checkpoint, save_checkpoint
-    from usam_exporters.export_ais import ais_head_model, ais_model
+    from usam_exporters.ais import ais_head_model, ais_model
 
     meta, _ = reference
     decoder_state = _decoder_state(meta, "stardist_crop_convtranspose")

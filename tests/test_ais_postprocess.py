@@ -1,4 +1,4 @@
-"""AIS post-processing (usam_bioimageio.automatic.ais) against micro-sam 1.8.14's own output.
+"""AIS post-processing (usam_bioimageio.automatic.ais.postprocess) against micro-sam 1.8.14's own output.
 
 The fixtures in tests/data/ais_reference/ were written by scripts/regenerate_ais_reference.sh, which runs
 micro-sam's ``InstanceSegmentationWithDecoder.generate`` (bioimage-cpp 0.9.0, AVX2 code path) on decoder-like
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from usam_bioimageio.automatic.ais import (
+from usam_bioimageio.automatic.ais.postprocess import (
     AIS_PRESETS,
     AisParameters,
     gaussian_smoothing,

@@ -1,4 +1,4 @@
-"""Automatic mask generation (usam_bioimageio.automatic.amg) against segment_anything's.
+"""Automatic mask generation (usam_bioimageio.automatic.amg.generator) against segment_anything's.
 
 The reference is MobileSAM's ``SamAutomaticMaskGenerator`` (the same code as segment_anything's) with the
 same seeded random vit_t weights, given µSAM's 8-bit version of the image as µSAM does. A random model's
@@ -21,17 +21,17 @@ from scipy import ndimage
 
 from conftest import DATA, DSB, dsb_test_ids
 from reference import build_reference_sam, mobile_sam, usam_to_image
-from usam_bioimageio.automatic import amg
-from usam_bioimageio.automatic.amg import (
+from usam_bioimageio.automatic.amg import generator as amg
+from usam_bioimageio.automatic.amg.generator import (
     AMG_PRESETS,
     AmgParameters,
     automatic_mask_generation,
     generate_masks,
     masks_to_label_image,
 )
-from usam_bioimageio.embeddings import compute_embeddings
-from usam_bioimageio.model import SamModel
-from usam_bioimageio.preprocess import to_rgb
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.runtime.geometry import to_rgb
 
 STARDIST = DATA / "stardist_samples" / "tests_img2d.tif"
 
@@ -133,7 +133,7 @@ def models(vit_t_family):
 
 
 def _dsb_image():
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     return read_image(DSB / "images" / f"{dsb_test_ids()[0]}.png")  # 256 x 320 RGB
 

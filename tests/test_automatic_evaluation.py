@@ -7,17 +7,17 @@ import pytest
 
 from conftest import DSB, dsb_test_ids
 
-from usam_bioimageio import automatic_evaluation as ae
-from usam_bioimageio.automatic.amg import AmgParameters, automatic_mask_generation
-from usam_bioimageio.embeddings import compute_embeddings
-from usam_bioimageio.evaluation import mean_segmentation_accuracy
-from usam_bioimageio.model import SamModel
+from usam_bioimageio.evaluation import automatic as ae
+from usam_bioimageio.automatic.amg.generator import AmgParameters, automatic_mask_generation
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.evaluation.metrics import mean_segmentation_accuracy
+from usam_bioimageio.runtime.model import SamModel
 
 
 def _dsb(k: int):
     import tifffile
 
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     sid = dsb_test_ids()[k]
     return read_image(DSB / "images" / f"{sid}.png"), tifffile.imread(DSB / "labels" / f"{sid}.tif")
@@ -78,7 +78,7 @@ def test_otsu_baseline_on_real_nuclei(data_dir):
 def test_usam_evaluate_writes_a_report(vit_t_ais_family, tmp_path, data_dir):
     import json
 
-    from usam_bioimageio.cli import main
+    from usam_bioimageio.cli.main import main
 
     out = tmp_path / "report"
     assert main(["evaluate", "--model", str(vit_t_ais_family[0]), "--data", str(DSB), "--out", str(out),

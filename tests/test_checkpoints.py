@@ -12,7 +12,7 @@ import torch
 
 from test_download import serve_dir
 from usam_bioimageio import registry
-from usam_bioimageio.download import ChecksumError
+from usam_bioimageio.errors import ChecksumError
 from usam_bioimageio.modeling import seeded_sam
 from usam_exporters.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 

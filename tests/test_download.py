@@ -1,4 +1,4 @@
-"""usam_bioimageio.download against a local HTTP server (no network)."""
+"""usam_bioimageio.io.download against a local HTTP server (no network)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from usam_bioimageio import download
-from usam_bioimageio.download import ChecksumError, DownloadError, cache_dir, fetch, sha256_of
+from usam_bioimageio.io import download
+from usam_bioimageio.errors import ChecksumError, DownloadError
+from usam_bioimageio.io.download import cache_dir, fetch, sha256_of
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, more than one read chunk
 

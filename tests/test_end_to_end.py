@@ -10,9 +10,10 @@ import pytest
 from conftest import real_images
 from reference import build_reference_sam, reference_predictor, usam_to_image
 
-from usam_bioimageio.embeddings import compute_embeddings
-from usam_bioimageio.model import SamModel
-from usam_bioimageio.prompts import batched_point_prompts, segment_from_prompts
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.prompting.inputs import batched_point_prompts
+from usam_bioimageio.prompting.predict import segment_from_prompts
 
 FORMATS = ("onnx", "torchscript")
 

@@ -1,4 +1,4 @@
-"""usam_bioimageio.evaluation: hand-computed cases, and elf's numbers on real ground truth.
+"""usam_bioimageio.evaluation.metrics: hand-computed cases, and elf's numbers on real ground truth.
 
 The reference numbers in tests/data/evaluation_reference.json come from scripts/evaluation_reference.py
 (python-elf's ``mean_segmentation_accuracy`` / ``matching``); this file rebuilds the same label images.
@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from usam_bioimageio.evaluation import DEFAULT_THRESHOLDS, iou_matrix, matching, mean_segmentation_accuracy, \
+from usam_bioimageio.evaluation.metrics import DEFAULT_THRESHOLDS, iou_matrix, matching, mean_segmentation_accuracy, \
     segmentation_scores
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -84,7 +84,7 @@ def _packages(family: Path):
 def test_rdf_is_portable(vit_t_family):
     """rdf.yaml in the form bioimageio.spec 0.5.10 (bioimageio.core 0.10.4) and 0.5.12+ both read, no machine
     paths in any text file of a package, pytorch_state_dict weights with an environment naming this package."""
-    from usam_exporters.package import RDF_FORMAT_VERSION
+    from usam_exporters.writer import RDF_FORMAT_VERSION
 
     family, _ = vit_t_family
     for kind, path in _packages(family).items():

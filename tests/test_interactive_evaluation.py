@@ -7,19 +7,19 @@ import pytest
 
 from conftest import DSB, dsb_test_ids
 
-from usam_bioimageio import interactive_evaluation as ie
-from usam_bioimageio.embeddings import compute_embeddings
-from usam_bioimageio.evaluation import mean_segmentation_accuracy
-from usam_bioimageio.model import SamModel
-from usam_bioimageio.prompts import segment_from_prompts
-from usam_bioimageio.training import iterative_prompting as ip
+from usam_bioimageio.evaluation import interactive as ie
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.evaluation.metrics import mean_segmentation_accuracy
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.prompting.predict import segment_from_prompts
+from usam_bioimageio.prompting import iterative as ip
 
 
 @pytest.fixture(scope="module")
 def case(vit_t_family):
     import tifffile
 
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     sid = dsb_test_ids()[0]
     image = read_image(DSB / "images" / f"{sid}.png")[:160, :200]

@@ -1,4 +1,4 @@
-"""The generic package writer (usam_exporters.describe / usam_exporters.package) on toy modules.
+"""The generic package writer (usam_exporters.specs / usam_exporters.writer) on toy modules.
 
 Every package written here is run through bioimageio.core.test_model for each weight format, which
 takes a few seconds per package: the positive packages are built once per module.
@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 
 from toy_modules import NoisyConv, TinyConv, ToyPromptDecoder  # noqa: E402  (tests/ is on sys.path)
 
-from usam_exporters.describe import (  # noqa: E402
+from usam_exporters.specs import (  # noqa: E402
     ANY,
     SAM_DOI,
     USAM_DOI,
@@ -33,7 +33,7 @@ from usam_exporters.describe import (  # noqa: E402
     axis_to_v05,
     channel,
 )
-from usam_exporters.package import PackageTestError, validate_package, write_package  # noqa: E402
+from usam_exporters.writer import PackageTestError, validate_package, write_package  # noqa: E402
 
 TOY_FILE = Path(__file__).with_name("toy_modules.py")
 FORMATS = ("torchscript", "onnx", "pytorch_state_dict")
@@ -307,7 +307,7 @@ def test_refuses_deviating_torchscript(tmp_path: Path):
 def test_given_test_outputs_are_used_and_gated(tmp_path: Path, monkeypatch):
     """Outputs given with data (the caller's forward pass) are the test outputs: the module is not run again,
     and the gate refuses given outputs that the weights do not reproduce."""
-    import usam_exporters.package as package
+    import usam_exporters.writer as package
 
     module = TinyConv().eval()
     inputs, outputs = _conv_specs()

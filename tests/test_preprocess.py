@@ -21,7 +21,7 @@ from PIL import Image
 
 from reference import segment_anything, usam_to_image
 from usam_bioimageio import registry
-from usam_bioimageio import preprocess as rt
+from usam_bioimageio.runtime import geometry as rt
 from usam_bioimageio.modeling import preprocess as pp
 
 # torch >= 2.10 deprecates torch.jit.script; the bioimage.io torchscript weights still need it
@@ -438,13 +438,13 @@ def test_preprocess_module_is_numpy_only():
     import subprocess
     import sys
 
-    code = "import sys, usam_bioimageio.preprocess; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, usam_bioimageio.runtime.geometry; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("shape", [(1305, 1009), (256, 256), (100, 2000), (1024, 700)])
 def test_upscale_masks_binary_equals_thresholded_upscale(shape):
-    from usam_bioimageio.preprocess import upscale_masks, upscale_masks_binary
+    from usam_bioimageio.runtime.geometry import upscale_masks, upscale_masks_binary
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:256, :256]

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from usam_bioimageio import cli
-from usam_bioimageio.embeddings import compute_embeddings
-from usam_bioimageio.model import SamModel
-from usam_bioimageio.packages import PackageError, load_family, load_package
-from usam_bioimageio.prompts import build_decoder_inputs, read_prompts, segment_from_prompts
+from usam_bioimageio.cli import main as cli
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.errors import PackageError
+from usam_bioimageio.runtime.packages import load_family, load_package
+from usam_bioimageio.prompting.inputs import build_decoder_inputs
+from usam_bioimageio.io.prompt_files import read_prompts
+from usam_bioimageio.prompting.predict import segment_from_prompts
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_package_from_zip_url_and_rdf_url(vit_t_family, http_root, model, image,
     assert from_rdf_url.kind == "prompt_decoder"
     assert from_rdf_url.weights_path("onnx").is_file()
     # a model assembled from downloaded packages gives the same masks
-    from usam_bioimageio.packages import Family
+    from usam_bioimageio.runtime.packages import Family
 
     remote = SamModel(Family({"image_encoder": from_zip_url, "prompt_decoder": from_rdf_url}))
     box = np.array([60.0, 60.0, 140.0, 150.0])
@@ -81,7 +84,7 @@ def test_package_from_zip_url_and_rdf_url(vit_t_family, http_root, model, image,
 
 def test_package_from_bioimageio_id(vit_t_family, http_root, monkeypatch):
     """An id resolves to <collection>/<id>/files/rdf.yaml (served here from 127.0.0.1)."""
-    from usam_bioimageio import packages
+    from usam_bioimageio.runtime import packages
 
     root, base = http_root
     with zipfile.ZipFile(vit_t_family[0] / "image_encoder.zip") as zf:

@@ -21,28 +21,21 @@ import pytest
 
 from conftest import DATA, DSB, dsb_test_ids
 
-from usam_bioimageio.cache import (
-    CacheMismatchError,
-    EmbeddingCache,
-    cached_embeddings,
-    load_cache,
-    load_micro_sam_embeddings,
-)
-from usam_bioimageio.embeddings import Embeddings, compute_embeddings
-from usam_bioimageio.model import SamModel
-from usam_bioimageio.prompts import ObjectPrompt, segment_from_prompts
-from usam_bioimageio.tiled_prompts import (
+from usam_bioimageio.errors import CacheMismatchError
+from usam_bioimageio.embeddings.cache import EmbeddingCache, load_cache, load_micro_sam_embeddings
+from usam_bioimageio.embeddings.compute import cached_embeddings
+from usam_bioimageio.embeddings.types import Embeddings
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.io.prompt_files import ObjectPrompt
+from usam_bioimageio.prompting.predict import segment_from_prompts
+from usam_bioimageio.prompting.tiled import (
     label_objects_tiled,
     segment_from_prompts_tiled,
     segment_objects_tiled,
 )
-from usam_bioimageio.tiling import (
-    StackEmbeddings,
-    TiledEmbeddings,
-    Tiling,
-    compute_stack_embeddings,
-    compute_tiled_embeddings,
-)
+from usam_bioimageio.embeddings.types import StackEmbeddings, TiledEmbeddings, Tiling
+from usam_bioimageio.embeddings.compute import compute_stack_embeddings, compute_tiled_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 GONUCLEAR = DATA / "gonuclear3d"
@@ -102,7 +95,7 @@ def build_mosaic(size: int = 2048):
     objects cross them."""
     import tifffile
 
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.io.images import read_image
 
     picked = []
     for sid in dsb_test_ids():
@@ -415,8 +408,8 @@ KILLED_CHILD = r"""
 import sys, time
 from pathlib import Path
 import numpy as np
-from usam_bioimageio.model import SamModel
-from usam_bioimageio.tiling import compute_tiled_embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.embeddings.compute import compute_tiled_embeddings
 family, image, cache, marker = sys.argv[1:5]
 model = SamModel.load(family)
 runner = model.runner("image_encoder")
@@ -548,7 +541,7 @@ from micro_sam import util
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
-from usam_bioimageio.tiling import Tiling
+from usam_bioimageio.embeddings.types import Tiling
 
 
 class StandIn(torch.nn.Module):  # a cheap image encoder: 16 x 16 average pooling of SAM's input
@@ -645,7 +638,7 @@ def test_micro_sam_cache_is_not_reused_as_ours(micro_sam_caches, fake_model):
 def test_cli_embed_and_segment_with_caches(model, mosaic, stack, small, vit_t_family, tmp_path, capsys):
     import tifffile
 
-    from usam_bioimageio.cli import main
+    from usam_bioimageio.cli.main import main
 
     family = str(vit_t_family[0])
     image, labels, mosaic_cache, tiled = mosaic
@@ -688,14 +681,14 @@ def test_cli_embed_and_segment_with_caches(model, mosaic, stack, small, vit_t_fa
 
 # -- automatic segmentation on tiles (AIS, AMG) --------------------------------------------------------
 
-from usam_bioimageio.automatic.amg import (  # noqa: E402
+from usam_bioimageio.automatic.amg.generator import (  # noqa: E402
     AmgParameters,
     automatic_mask_generation,
     generate_masks,
     masks_to_label_image,
 )
-from usam_bioimageio.automatic.ais import instances_from_maps  # noqa: E402
-from usam_bioimageio.automatic.segment import ais_maps, automatic_instance_segmentation  # noqa: E402
+from usam_bioimageio.automatic.ais.postprocess import instances_from_maps  # noqa: E402
+from usam_bioimageio.automatic.ais.decoder import ais_maps, automatic_instance_segmentation  # noqa: E402
 from usam_bioimageio.training.targets import distance_targets  # noqa: E402
 
 # random weights: NMS off within a crop and a low stability threshold, so that many masks come through
@@ -766,7 +759,7 @@ def _to_padded_frame(region: np.ndarray, size: int) -> np.ndarray:
     """(C, h, w) -> (C, size, size): resized as SAM resizes (longest side to ``size``), zero-padded."""
     from skimage.transform import resize
 
-    from usam_bioimageio.preprocess import longest_side_shape
+    from usam_bioimageio.runtime.geometry import longest_side_shape
 
     h, w = longest_side_shape(*region.shape[1:])
     h, w = -(-h * size // 1024), -(-w * size // 1024)
@@ -946,9 +939,9 @@ def test_tiled_amg_finds_objects_across_tiles_once(ais_model, mosaic):
 def test_cli_ais_and_amg(ais_model, vit_t_ais_family, vit_t_family, small, tmp_path, capsys):
     import tifffile
 
-    from usam_bioimageio.automatic.ais import AisParameters
-    from usam_bioimageio.cli import main
-    from usam_bioimageio.io import read_image
+    from usam_bioimageio.automatic.ais.postprocess import AisParameters
+    from usam_bioimageio.cli.main import main
+    from usam_bioimageio.io.images import read_image
 
     family = str(vit_t_ais_family[0])
     folder = tmp_path / "images"
@@ -967,7 +960,7 @@ def test_cli_ais_and_amg(ais_model, vit_t_ais_family, vit_t_family, small, tmp_p
     assert tifffile.imread(tmp_path / "ais" / "stardist.tif").shape == small[0].shape
     # tiled: a tiled cache written by `usam embed`; AIS with tiles computed on the fly equals the API's AIS on
     # that cache (the same tiles), AMG reads the cache
-    from usam_bioimageio.cache import load_cache
+    from usam_bioimageio.embeddings.cache import load_cache
 
     image, path, cache = small[0], folder / "stardist.tif", tmp_path / "stardist.zarr"
     assert main(["embed", "--model", family, "--image", str(path), "--cache", str(cache), "--tile-shape", "256",

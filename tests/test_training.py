@@ -6,7 +6,7 @@ import torch
 
 from conftest import training_crops
 
-from usam_bioimageio.training import iterative_prompting as ip
+from usam_bioimageio.prompting import iterative as ip
 
 
 def _constructed():
@@ -233,11 +233,11 @@ def test_joint_ais_decoder_training_exports_ais_packages(joint_training):
     """µSAM's joint training: the AIS decoder's loss goes down on a repeated crop, the checkpoint carries a
     decoder_state in µSAM's layout, and the exporter turns it into gated packages, AIS included, whose maps
     equal the trained decoder's."""
-    from usam_bioimageio.automatic.segment import ais_maps
-    from usam_bioimageio.embeddings import compute_embeddings
-    from usam_bioimageio.model import SamModel
+    from usam_bioimageio.automatic.ais.decoder import ais_maps
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.modeling.unetr import decoder_state_layout, maps_to_original
-    from usam_bioimageio.packages import load_family
+    from usam_bioimageio.runtime.packages import load_family
     from usam_exporters.checkpoints import load_checkpoint
 
     trainer, checkpoints, family = joint_training

@@ -9,16 +9,16 @@ from typing import Any, Dict, Mapping, Tuple
 import torch
 from torch import nn
 
-from .. import registry
-from .common import LayerNorm2d
-from .image_encoder import Attention as ViTAttention
-from .image_encoder import ImageEncoderViT
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PositionEmbeddingRandom, PromptEncoder
-from .sam import Sam
-from .tiny_vit import Attention as TinyViTAttention
-from .tiny_vit import TinyViT
-from .transformer import TwoWayTransformer
+from usam_bioimageio import registry
+from usam_bioimageio.modeling.common import LayerNorm2d
+from usam_bioimageio.modeling.image_encoder import Attention as ViTAttention
+from usam_bioimageio.modeling.image_encoder import ImageEncoderViT
+from usam_bioimageio.modeling.mask_decoder import MaskDecoder
+from usam_bioimageio.modeling.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
+from usam_bioimageio.modeling.sam import Sam
+from usam_bioimageio.modeling.tiny_vit import Attention as TinyViTAttention
+from usam_bioimageio.modeling.tiny_vit import TinyViT
+from usam_bioimageio.modeling.transformer import TwoWayTransformer
 
 # Hyper-parameters shared by all SAM model types (segment_anything.build_sam).
 PATCH_SIZE = registry.IMAGE_SIZE // registry.EMBEDDING_SIZE

@@ -11,7 +11,7 @@ from typing import Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from .common import LayerNorm2d, MLPBlock, window_partition, window_unpartition
+from usam_bioimageio.modeling.common import LayerNorm2d, MLPBlock, window_partition, window_unpartition
 
 
 class PatchEmbed(nn.Module):

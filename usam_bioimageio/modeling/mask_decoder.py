@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import LayerNorm2d
+from usam_bioimageio.modeling.common import LayerNorm2d
 
 
 class MLP(nn.Module):

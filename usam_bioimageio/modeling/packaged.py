@@ -17,9 +17,9 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import registry
-from .build import build_sam
-from .preprocess import SamPreprocess, longest_side_shape
+from usam_bioimageio import registry
+from usam_bioimageio.modeling.build import build_sam
+from usam_bioimageio.modeling.preprocess import SamPreprocess, longest_side_shape
 
 
 class ImageEncoderModel(nn.Module):
@@ -112,7 +112,7 @@ class AisModel(nn.Module):
     (as :class:`ImageEncoderModel`), the UNETR decoder (:class:`usam_bioimageio.modeling.unetr.AisDecoder`)
     and ``postprocess_masks`` (crop of SAM's padding, bilinear resize to the input size), all in one graph.
     Output channels: foreground probability, centre distances, boundary distances (sigmoid, 0..1), the
-    input of :func:`usam_bioimageio.automatic.ais.instances_from_maps`.
+    input of :func:`usam_bioimageio.automatic.ais.postprocess.instances_from_maps`.
 
     State dict: ``image_encoder.*`` (SAM's keys) and ``unetr.*`` (µSAM's ``decoder_state`` keys).
     ``use_conv_transpose``: the decoder variant (``unetr.uses_conv_transpose(decoder_state)``);
@@ -122,7 +122,7 @@ class AisModel(nn.Module):
     def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False,
                  batch_statistics: bool = True) -> None:
         super().__init__()
-        from .unetr import build_ais_decoder
+        from usam_bioimageio.modeling.unetr import build_ais_decoder
 
         self.preprocess = SamPreprocess()
         self.image_encoder = build_sam(model_type).image_encoder
@@ -130,7 +130,7 @@ class AisModel(nn.Module):
                                        batch_statistics=batch_statistics)
 
     def forward(self, image: Tensor) -> Tensor:
-        from .unetr import maps_to_original
+        from usam_bioimageio.modeling.unetr import maps_to_original
 
         maps = self.unetr(self.image_encoder(self.preprocess(image)))
         return maps_to_original(maps, image)
@@ -142,7 +142,7 @@ class AisHeadModel(nn.Module):
     The maps are in SAM's padded 1024 x 1024 frame, like the prompt decoder's masks: the image occupies
     the top-left ``longest_side_shape(h, w)`` block. To get µSAM's maps of an (h, w) image, crop that block
     and resize it bilinearly (align_corners=False, no antialiasing) to (h, w); the runtime does this with
-    ``usam_bioimageio.automatic.segment.maps_to_original`` (exact interpolation matrices), and
+    ``usam_bioimageio.automatic.ais.decoder.maps_to_original`` (exact interpolation matrices), and
     :class:`AisModel` does it in its graph. Output channels as :class:`AisModel`.
 
     State dict: ``unetr.*`` (µSAM's ``decoder_state`` keys). ``model_type`` is recorded only: all SAM model
@@ -152,7 +152,7 @@ class AisHeadModel(nn.Module):
     def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False,
                  batch_statistics: bool = True) -> None:
         super().__init__()
-        from .unetr import build_ais_decoder
+        from usam_bioimageio.modeling.unetr import build_ais_decoder
 
         self.unetr = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose,
                                        batch_statistics=batch_statistics)

@@ -38,7 +38,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..registry import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
+from usam_bioimageio.registry import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 
 __all__ = [
     "PRECISION_BITS",
@@ -237,7 +237,7 @@ class SamPreprocess(nn.Module):
 
     Exactly ``SamPredictor.set_image(micro_sam.util._to_image(image))`` up to the image encoder, per
     image of the batch (all of one size); channels must already be mapped to three (the runtime's
-    ``usam_bioimageio.preprocess.to_rgb``). No parameters or buffers; scriptable and traceable.
+    ``usam_bioimageio.runtime.geometry.to_rgb``). No parameters or buffers; scriptable and traceable.
 
     ONNX (opset 17, dynamic height / width): exporting the ``nn.Module`` (traced by the exporter) computes
     both Pillow pass orders and selects one with ``Where``; exporting ``torch.jit.script(module)`` gives an

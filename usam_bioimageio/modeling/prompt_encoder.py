@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from .common import LayerNorm2d
+from usam_bioimageio.modeling.common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

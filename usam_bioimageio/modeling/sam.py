@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
+from usam_bioimageio.modeling.mask_decoder import MaskDecoder
+from usam_bioimageio.modeling.prompt_encoder import PromptEncoder
 
 
 class Sam(nn.Module):

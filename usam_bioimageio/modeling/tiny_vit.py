@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .common import LayerNorm2d, window_partition, window_unpartition
+from usam_bioimageio.modeling.common import LayerNorm2d, window_partition, window_unpartition
 
 
 class Conv2dBN(nn.Sequential):

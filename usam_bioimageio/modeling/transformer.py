@@ -8,7 +8,7 @@ from typing import Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from .common import MLPBlock
+from usam_bioimageio.modeling.common import MLPBlock
 
 
 class Attention(nn.Module):

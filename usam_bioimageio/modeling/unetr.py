@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import registry
-from .preprocess import longest_side_shape
+from usam_bioimageio import registry
+from usam_bioimageio.modeling.preprocess import longest_side_shape
 
 __all__ = [
     "AIS_OUT_CHANNELS",

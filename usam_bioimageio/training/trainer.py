@@ -55,13 +55,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import registry
-from ..modeling import Sam, build_sam
-from ..modeling.preprocess import SamPreprocess
-from ..modeling.unetr import AisDecoder, build_ais_decoder, maps_to_original
-from ..preprocess import longest_side_shape, to_rgb
-from . import iterative_prompting as ip
-from .targets import distance_targets
+from usam_bioimageio import registry
+from usam_bioimageio.modeling import Sam, build_sam
+from usam_bioimageio.modeling.preprocess import SamPreprocess
+from usam_bioimageio.modeling.unetr import AisDecoder, build_ais_decoder, maps_to_original
+from usam_bioimageio.runtime.geometry import longest_side_shape, to_rgb
+from usam_bioimageio.prompting import iterative as ip
+from usam_bioimageio.training.targets import distance_targets
 
 __all__ = ["TrainConfig", "Trainer", "dice_loss", "distance_loss", "load_sam_weights", "save_usam_checkpoint", "train",
            "train_main"]
@@ -495,7 +495,7 @@ def train(train_data: Sequence[Tuple[np.ndarray, np.ndarray]], val_data: Sequenc
             sam.load_state_dict(sam_state, strict=True)
     ais_decoder = None
     if decoder_state is not None and config.train_ais_decoder:
-        from ..modeling.unetr import load_ais_decoder, uses_conv_transpose
+        from usam_bioimageio.modeling.unetr import load_ais_decoder, uses_conv_transpose
 
         if uses_conv_transpose(decoder_state) != config.ais_conv_transpose:
             config = dataclasses.replace(config, ais_conv_transpose=uses_conv_transpose(decoder_state))
@@ -507,7 +507,7 @@ def train(train_data: Sequence[Tuple[np.ndarray, np.ndarray]], val_data: Sequenc
 
 
 def _read_pairs(images: Path, labels: Path) -> List[Tuple[np.ndarray, np.ndarray]]:
-    from ..io import read_image
+    from usam_bioimageio.io.images import read_image
 
     pairs = []
     for image_path in sorted(p for p in Path(images).iterdir() if p.is_file()):
@@ -568,7 +568,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                          ais_crop=args.ais_crop, ais_separate_step=not args.joint_step,
                          mask_bce=args.mask_bce)
     if args.data is not None:
-        from ..report import read_split
+        from usam_bioimageio.io.datasets import read_split
 
         train_pairs = read_split(args.data, args.train_split)
         val = read_split(args.data, args.val_split, args.val_limit) if args.val_split else ()

@@ -16,7 +16,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from .registry import IMAGE_SIZE, LOW_RES_MASK_SIZE
+from usam_bioimageio.registry import IMAGE_SIZE, LOW_RES_MASK_SIZE
 
 __all__ = [
     "interpolation_matrix",

@@ -1,5 +1,8 @@
 """A persistent embedding cache (zarr) that the user names explicitly, and reading micro-sam's caches.
 
+Computing into a cache is ``usam_bioimageio.embeddings.compute.cached_embeddings``; this module stores,
+checks and reads.
+
 Layout of a cache (a zarr group; zarr 3 writes format 3, zarr 2 format 2)::
 
     attrs["usam_embedding_cache"] = {format, format_version, signature, n_slices, n_tiles, image_shape, tiling}
@@ -23,26 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from .embeddings import Embeddings
-from .model import SamModel
-from .tiling import (
-    StackEmbeddings,
-    TiledEmbeddings,
-    TileFeatures,
-    Tiling,
-    progress_bar,
-    check_image_2d,
-    check_stack,
-    encode,
-    item_input,
-    iterate_items,
-)
+from usam_bioimageio.embeddings.types import Embeddings, StackEmbeddings, TiledEmbeddings, TileFeatures, Tiling
+from usam_bioimageio.errors import CacheMismatchError
+from usam_bioimageio.runtime.model import SamModel
 
 ATTR = "usam_embedding_cache"
 FORMAT = "usam-embedding-cache"
@@ -68,10 +59,6 @@ _HASH_BLOCK_BYTES = 64 << 20
 AnyEmbeddings = Union[Embeddings, TiledEmbeddings, StackEmbeddings]
 
 
-class CacheMismatchError(ValueError):
-    """An embedding cache was written for other data, another encoder or other settings."""
-
-
 def _zarr():
     try:
         import zarr
@@ -95,7 +82,7 @@ def data_sha256(data) -> str:
 
 
 def make_signature(model: SamModel, data, *, stack: bool, tiling: Optional[Tiling]) -> dict:
-    from . import __version__
+    from usam_bioimageio import __version__
 
     return {
         "data_sha256": data_sha256(data),
@@ -268,36 +255,6 @@ class EmbeddingCache:
         if self.tiling is None:
             return Embeddings(features=self.get(0, 0), original_shape=shape, encoder=sig["encoder"])
         return TiledEmbeddings(self.tiling, TileFeatures(len(self.tiling), lambda t: self.get(0, t)), sig["encoder"])
-
-
-def cached_embeddings(model: SamModel, data, cache: Union[str, os.PathLike], *, tile_shape=None, halo=None,
-                      stack: bool = False, progress: bool = True) -> AnyEmbeddings:
-    """Embeddings of ``data`` through the cache at ``cache``: reuse complete items, compute the missing ones.
-
-    data: a 2D image (H, W[, C]) or, with ``stack=True``, a stack (z, y, x[, c]). tile_shape / halo: tile
-    each image (both or neither). Returns ``Embeddings`` (2D untiled), ``TiledEmbeddings`` or
-    ``StackEmbeddings``, reading from the cache on access. Raises CacheMismatchError (a ValueError) when
-    the cache holds embeddings of other data, another encoder or other settings.
-    """
-    if stack:
-        check_stack(data)
-        n_slices, image_shape = int(data.shape[0]), tuple(int(s) for s in data.shape[1:3])
-    else:
-        check_image_2d(data)
-        n_slices, image_shape = 1, tuple(int(s) for s in data.shape[:2])
-    if (tile_shape is None) != (halo is None):
-        raise ValueError("give tile_shape and halo together (halo 0 for tiles without overlap), or neither")
-    tiling = None if tile_shape is None else Tiling.create(image_shape, tile_shape, halo)
-    signature = make_signature(model, data, stack=stack, tiling=tiling)
-    store = EmbeddingCache.open(cache, signature=signature, n_slices=n_slices, image_shape=image_shape, tiling=tiling)
-    missing = store.missing()
-    if missing:
-        done = store.n_items - len(missing)
-        with progress_bar(store.n_items, done, f"embeddings -> {store.path.name}", progress) as bar:
-            for z, t in missing:
-                store.write(z, t, encode(model, item_input(data, z if stack else None, tiling, t)))
-                bar.update()
-    return store.value()
 
 
 def is_micro_sam_cache(path) -> bool:

@@ -21,6 +21,9 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Optional
 
+from usam_bioimageio.errors import ChecksumError, DownloadError
+from usam_bioimageio.settings import CACHE_ENV_VAR, cache_dir
+
 __all__ = [
     "CACHE_ENV_VAR",
     "ChecksumError",
@@ -31,25 +34,8 @@ __all__ = [
     "xxh128_of",
 ]
 
-CACHE_ENV_VAR = "USAM_CACHE_DIR"
 DEFAULT_TIMEOUT = 60.0  # seconds, for connecting and for each read
 _CHUNK = 1 << 20
-
-
-class DownloadError(OSError):
-    """A download failed: HTTP error, unreachable host, timeout or a truncated transfer."""
-
-
-class ChecksumError(ValueError):
-    """A file's hash is not the expected one."""
-
-
-def cache_dir() -> Path:
-    """The download cache: ``$USAM_CACHE_DIR`` if set (read now, not at import), else ``~/.cache/usam_bioimageio``."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "usam_bioimageio"
 
 
 def _hash_file(path: Path, hasher) -> str:
@@ -154,7 +140,7 @@ def _check_filename(filename: str) -> str:
 
 def _user_agent() -> str:
     try:
-        from . import __version__
+        from usam_bioimageio import __version__
     except Exception:  # pragma: no cover
         __version__ = "0"
     return f"usam-bioimageio/{__version__} (python urllib)"

@@ -6,7 +6,7 @@ part runs once per validation image (AIS: the decoder maps; AMG: every candidate
 the thresholds), then each parameter combination is applied and scored (mean segmentation accuracy, mSA,
 averaged over the images); the combination with the best mean mSA is then applied to the test images.
 
-AMG candidates: :func:`usam_bioimageio.automatic.amg.generate_masks` with the grid's lowest thresholds and no NMS;
+AMG candidates: :func:`usam_bioimageio.automatic.amg.generator.generate_masks` with the grid's lowest thresholds and no NMS;
 per combination the records are filtered by predicted IoU (``>``) and stability (``>=``) and the box NMS runs on
 the survivors, which is what ``generate_masks`` with those thresholds computes (one crop layer, no
 ``min_mask_region_area``): filtering comes before the NMS there too.
@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .evaluation import segmentation_scores
+from usam_bioimageio.evaluation.metrics import segmentation_scores
 
 #: µSAM-like grids, smaller (CPU): AIS distance thresholds and smoothing, AMG score thresholds
 AIS_GRID: Dict[str, Sequence[Any]] = {
@@ -68,7 +68,7 @@ def grid_search(prepared: Sequence[Any], ground_truths: Sequence[np.ndarray], gr
 # -- AIS ---------------------------------------------------------------------------------------------------------
 
 def ais_segment(maps: np.ndarray, combo: Mapping[str, Any], base=None) -> np.ndarray:
-    from .automatic.ais import AisParameters, instances_from_maps
+    from usam_bioimageio.automatic.ais.postprocess import AisParameters, instances_from_maps
 
     params = dataclasses.replace(base if base is not None else AisParameters(), **combo)
     return instances_from_maps(maps, params=params)
@@ -88,7 +88,7 @@ class AmgCandidates:
 def amg_candidates(model, image: np.ndarray, grid: Mapping[str, Sequence[Any]], *, embeddings=None,
                    base=None) -> AmgCandidates:
     """Every mask the point grid gives with the grid's lowest thresholds, without NMS."""
-    from .automatic.amg import AmgParameters, generate_masks
+    from usam_bioimageio.automatic.amg.generator import AmgParameters, generate_masks
 
     base = base if base is not None else AmgParameters()
     if base.crop_n_layers or base.min_mask_region_area:
@@ -101,7 +101,7 @@ def amg_candidates(model, image: np.ndarray, grid: Mapping[str, Sequence[Any]], 
 
 def amg_segment(candidates: AmgCandidates, combo: Mapping[str, Any]) -> np.ndarray:
     """The label image ``automatic_mask_generation`` gives with the combination's thresholds."""
-    from .automatic.amg import masks_to_label_image, nms
+    from usam_bioimageio.automatic.amg.generator import masks_to_label_image, nms
 
     iou_t = np.float32(combo.get("pred_iou_thresh", 0.0))
     stab_t = np.float32(combo.get("stability_score_thresh", 0.0))
@@ -158,8 +158,8 @@ def evaluate_automatic(
     """Grid search on ``val_pairs`` then scores on ``test_pairs`` for ``mode`` "ais" or "amg":
     ``{"best": combination, "val_table": [...], "test": mean scores, "test_per_image": [...]}``.
     ``embed``: image -> embeddings (default ``compute_embeddings(model, image)``; e.g. a cache shared by modes)."""
-    from .automatic.segment import ais_maps
-    from .embeddings import compute_embeddings
+    from usam_bioimageio.automatic.ais.decoder import ais_maps
+    from usam_bioimageio.embeddings.compute import compute_embeddings
 
     if mode not in ("ais", "amg"):
         raise ValueError(f"mode must be 'ais' or 'amg', got {mode!r}")

@@ -20,18 +20,17 @@ import numpy as np
 import torch
 
 from usam_bioimageio import registry
-from usam_bioimageio.automatic.ais import AisParameters, instances_from_maps
-from usam_bioimageio.automatic.segment import maps_to_original as padded_maps_to_original
-from usam_bioimageio.embeddings import image_to_input
+from usam_bioimageio.automatic.ais.postprocess import AisParameters, instances_from_maps
+from usam_bioimageio.automatic.ais.decoder import maps_to_original as padded_maps_to_original
+from usam_bioimageio.embeddings.compute import image_to_input
 from usam_bioimageio.modeling.packaged import AisHeadModel, AisModel, ais_head_state, ais_state
 from usam_bioimageio.modeling.unetr import AIS_CHANNEL_NAMES, maps_to_original, uses_conv_transpose
-from usam_bioimageio.overlay import overlay
+from usam_bioimageio.io.overlay import overlay
 
 from . import modules
 from .checkpoints import Checkpoint
-from .describe import ANY, Batch, Ref, Space, TensorSpec, channel
-from .export import WHOLE_IMAGE_NOTE, embedding_axes
-from .package import write_package
+from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Ref, Space, TensorSpec, channel, embedding_axes
+from .writer import write_package
 from .samples import Sample
 
 __all__ = ["AIS_KINDS", "ais_head_model", "ais_model", "script_ais_model", "write_ais_packages"]
@@ -145,7 +144,7 @@ UNETR decoder (micro-sam 1.8.14 `InstanceSegmentationWithDecoder.initialize`).
 5. objects smaller than `min_size` ({params.min_size}) pixels removed.
 
 These defaults (`config.usam.ais_parameters`) are µSAM's `generate` defaults;
-`usam_bioimageio.automatic.segment.automatic_instance_segmentation` does all of this (the watershed and
+`usam_bioimageio.automatic.ais.decoder.automatic_instance_segmentation` does all of this (the watershed and
 smoothing equal to µSAM's bioimage-cpp ones, label ids included).
 
 ## Notes

@@ -64,13 +64,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-from .. import registry
-from ..embeddings import Embeddings, compute_embeddings
-from ..model import SamModel
-from ..packages import PackageError
-from ..preprocess import longest_side_shape, mask_upscale_matrix, to_rgb
-from ..prompts import build_decoder_inputs
-from ..tiling import TiledEmbeddings, progress_bar
+from usam_bioimageio import registry
+from usam_bioimageio.embeddings.types import Embeddings
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.errors import PackageError
+from usam_bioimageio.runtime.geometry import longest_side_shape, mask_upscale_matrix, to_rgb
+from usam_bioimageio.prompting.inputs import build_decoder_inputs
+from usam_bioimageio.embeddings.types import TiledEmbeddings
+from usam_bioimageio.progress import progress_bar
 
 __all__ = [
     "AMG_PRESETS",
@@ -626,7 +628,7 @@ def generate_masks(
     precomputed embeddings. Give either or both; crop layers (``params.crop_n_layers > 0``) need the image,
     whose crops are encoded separately. See the module docstring for the steps and the record fields.
 
-    Tiled ``embeddings`` (:class:`usam_bioimageio.tiling.TiledEmbeddings`) give µSAM's tiled AMG: each tile
+    Tiled ``embeddings`` (:class:`usam_bioimageio.embeddings.types.TiledEmbeddings`) give µSAM's tiled AMG: each tile
     is a crop (a point grid of ``points_per_side`` over its outer block), and the NMS across crops
     (``crop_nms_thresh``) removes the duplicates of objects seen by several tiles; crop layers are not
     available then (µSAM uses the crop machinery for the tiles). ``progress``: a bar over the tiles.

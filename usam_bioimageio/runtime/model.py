@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
 
-from .inference import Runner
-from .packages import Family, load_family
+from usam_bioimageio.runtime.backends import Runner
+from usam_bioimageio.runtime.packages import Family, load_family
 
 
 @dataclass

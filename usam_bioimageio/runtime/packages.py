@@ -18,17 +18,15 @@ from urllib.parse import urljoin, urlparse
 
 import yaml
 
-from .download import cache_dir, fetch, sha256_of
+from usam_bioimageio.errors import PackageError
+from usam_bioimageio.io.download import fetch, sha256_of
+from usam_bioimageio.settings import cache_dir
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 FAMILY_FILE = "family.yaml"
 KINDS = ("image_encoder", "prompt_decoder", "ais", "ais_head")
 # bioimage.io resolves an id to its rdf.yaml here (bioimageio.spec settings.collection_http_pattern).
 BIOIMAGEIO_RDF_URL = "https://hypha.aicell.io/bioimage-io/artifacts/{id}/files/rdf.yaml"
-
-
-class PackageError(ValueError):
-    """A package or family cannot be used: missing, corrupt, of another kind, or mismatched."""
 
 
 @dataclass(frozen=True)

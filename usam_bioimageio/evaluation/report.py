@@ -15,32 +15,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence
 
-import numpy as np
+from usam_bioimageio.io.datasets import Pair
 
-Pair = Tuple[np.ndarray, np.ndarray]
 MODES = ("interactive", "ais", "amg", "baseline")
-
-
-def read_split(data_dir: Path, split: str, limit: Optional[int] = None) -> List[Pair]:
-    """(image, labels) pairs of a split of a dataset laid out as ``../shared/data/dsb2018``: ``splits.json``
-    ({"train": [ids], "val": [...], "test": [...]}), ``images/ID.*`` and ``labels/ID.tif``."""
-    import tifffile
-
-    from .io import read_image
-
-    data_dir = Path(data_dir)
-    splits = json.loads((data_dir / "splits.json").read_text())
-    if split not in splits:
-        raise ValueError(f"{data_dir}/splits.json has no split {split!r} (has {sorted(splits)})")
-    pairs = []
-    for sid in splits[split][:limit]:
-        images = sorted((data_dir / "images").glob(f"{sid}.*"))
-        if not images:
-            raise FileNotFoundError(f"no image for {sid} in {data_dir / 'images'}")
-        pairs.append((read_image(images[0]), tifffile.imread(data_dir / "labels" / f"{sid}.tif")))
-    return pairs
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -74,13 +53,13 @@ def run_evaluation(model, val_pairs: Sequence[Pair], test_pairs: Sequence[Pair],
     """The numbers of the report (JSON-serialisable)."""
     from tqdm import tqdm
 
-    from .automatic_evaluation import evaluate_automatic, mean_scores, otsu_watershed
-    from .interactive_evaluation import evaluate_interactive
+    from usam_bioimageio.evaluation.automatic import evaluate_automatic, mean_scores, otsu_watershed
+    from usam_bioimageio.evaluation.interactive import evaluate_interactive
 
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    from .embeddings import compute_embeddings
+    from usam_bioimageio.embeddings.compute import compute_embeddings
 
     results: Dict[str, Any] = {"n_val": len(val_pairs), "n_test": len(test_pairs)}
     computed: Dict[int, Any] = {}

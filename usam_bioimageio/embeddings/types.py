@@ -1,4 +1,5 @@
-"""Tiled embeddings for large images, and per-slice embeddings for 3D stacks and time series.
+"""Embeddings as values: plain (one 2D image), tiled (micro-sam's tiling of a large image) and per-slice
+(stacks, time series), and the tiling itself.
 
 The tiling is micro-sam's (1.8.14 ``util.precompute_image_embeddings(tile_shape=..., halo=...)``, which uses
 ``bioimage_cpp.utils.Blocking([0, 0], shape, tile_shape).get_block_with_halo(tile_id, halo)``):
@@ -26,11 +27,21 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .embeddings import Embeddings, compute_embeddings
-from .model import SamModel
-
 Pair = Tuple[int, int]
 PairLike = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """SAM image embeddings of one 2D image.
+
+    features: (1, 256, 64, 64) float32; original_shape: (h, w) of the image they were computed from;
+    encoder: identity (ONNX weights sha256) of the image encoder, checked by the decoders.
+    """
+
+    features: np.ndarray
+    original_shape: Tuple[int, int]
+    encoder: str
 
 
 def as_pair(value: PairLike, name: str, *, minimum: int) -> Pair:
@@ -225,17 +236,6 @@ def check_stack(volume) -> None:
     check_image_2d(volume[0], "each slice of the volume")
 
 
-def encode(model: SamModel, image) -> np.ndarray:
-    """One image (tile or slice) -> its (1, 256, 64, 64) features; reads only that region of ``image``."""
-    return compute_embeddings(model, np.asarray(image)).features
-
-
-def progress_bar(total: int, done: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=desc, unit="tile", disable=not enabled, leave=False)
-
-
 def iterate_items(n_slices: int, tiling: Optional[Tiling]) -> Iterable[Tuple[int, int]]:
     for z in range(n_slices):
         for t in range(1 if tiling is None else len(tiling)):
@@ -248,54 +248,3 @@ def item_input(data, z: Optional[int], tiling: Optional[Tiling], t: int):
     return plane if tiling is None else plane[tiling.tile(t).outer_slices]
 
 
-def compute_tiled_embeddings(model: SamModel, image, *, tile_shape: PairLike, halo: PairLike, cache=None,
-                             progress: bool = True) -> TiledEmbeddings:
-    """Embeddings of a 2D image (H, W) or (H, W, C), one per tile, in micro-sam's tiling.
-
-    tile_shape, halo: (y, x) or one int for both. cache: a path (or an open ``EmbeddingCache``) of a
-    persistent embedding cache (see ``usam_bioimageio.cache``): tiles already there are reused, the others
-    computed and written one at a time; the result then reads tiles from the cache on access.
-    ``image`` may be any array-like with ``shape``, ``dtype`` and slicing (numpy, memmap, zarr): only one
-    outer tile is read at a time (except for the cache's data hash, which reads it in blocks).
-    """
-    check_image_2d(image)
-    tiling = Tiling.create(image.shape[:2], tile_shape, halo)
-    if cache is not None:
-        from .cache import cached_embeddings
-
-        return cached_embeddings(model, image, cache, tile_shape=tiling.tile_shape, halo=tiling.halo,
-                                 progress=progress)
-    features = []
-    with progress_bar(len(tiling), 0, "embeddings (tiles)", progress) as bar:
-        for t in range(len(tiling)):
-            features.append(encode(model, item_input(image, None, tiling, t)))
-            bar.update()
-    return TiledEmbeddings(tiling, features, model.encoder_identity)
-
-
-def compute_stack_embeddings(model: SamModel, volume, *, tile_shape: Optional[PairLike] = None,
-                             halo: Optional[PairLike] = None, cache=None, progress: bool = True) -> StackEmbeddings:
-    """Embeddings of a 3D stack or time series (z, y, x) / (z, y, x, c): one per slice, optionally tiled.
-
-    Each slice is embedded as a 2D image of its own (micro-sam's ``precompute_image_embeddings`` for 3D
-    data); ``tile_shape`` and ``halo`` (both or neither) tile every slice alike. ``cache`` as in
-    ``compute_tiled_embeddings``; only one slice (or tile) is read from ``volume`` at a time.
-    """
-    check_stack(volume)
-    if (tile_shape is None) != (halo is None):
-        raise ValueError("give tile_shape and halo together (halo 0 for tiles without overlap), or neither")
-    tiling = None if tile_shape is None else Tiling.create(volume.shape[1:3], tile_shape, halo)
-    if cache is not None:
-        from .cache import cached_embeddings
-
-        return cached_embeddings(model, volume, cache, stack=True,
-                                 tile_shape=None if tiling is None else tiling.tile_shape,
-                                 halo=None if tiling is None else tiling.halo, progress=progress)
-    n = int(volume.shape[0])
-    per_slice = 1 if tiling is None else len(tiling)
-    features: List[List[np.ndarray]] = [[] for _ in range(n)]
-    with progress_bar(n * per_slice, 0, "embeddings (slices)", progress) as bar:
-        for z, t in iterate_items(n, tiling):
-            features[z].append(encode(model, item_input(volume, z, tiling, t)))
-            bar.update()
-    return StackEmbeddings.in_memory(features, tuple(volume.shape[1:3]), tiling, model.encoder_identity)

@@ -14,34 +14,24 @@ import yaml
 from tqdm import tqdm
 
 from usam_bioimageio import __version__, registry
-from usam_bioimageio.download import sha256_of
-from usam_bioimageio.embeddings import image_to_input
-from usam_bioimageio.overlay import masks_to_labels, overlay
-from usam_bioimageio.packages import FAMILY_FILE, load_package
-from usam_bioimageio.preprocess import upscale_masks
-from usam_bioimageio.prompts import build_decoder_inputs
+from usam_bioimageio.io.download import sha256_of
+from usam_bioimageio.embeddings.compute import image_to_input
+from usam_bioimageio.io.overlay import masks_to_labels, overlay
+from usam_bioimageio.runtime.packages import FAMILY_FILE, load_package
+from usam_bioimageio.runtime.geometry import upscale_masks
+from usam_bioimageio.prompting.inputs import build_decoder_inputs
 
 from . import modules
 from .checkpoints import Checkpoint, as_micro_sam_infers, load_checkpoint
-from .describe import ANY, Batch, Index, Ref, Space, TensorSpec, channel
-from .package import DEFAULT_FORMATS, write_package
+from .ais import write_ais_packages
+from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Index, Ref, Space, TensorSpec, channel, embedding_axes
+from .writer import DEFAULT_FORMATS, write_package
 from .samples import Sample, load_sample, synthetic_sample
 
 AUTHORS = [{"name": "usam-bioimageio developers"}]
 SAM_CREDIT = (
     "Weights: Segment Anything (Kirillov et al. 2023, Apache-2.0) finetuned by µSAM (Archit et al., Nature "
     "Methods 2025) where the checkpoint says so. Architecture re-implemented in usam_bioimageio.modeling."
-)
-
-
-#: What a host must know before it tiles (README "What the packages expect"): stated in the documentation and
-#: ``config.usam.whole_image`` of the image encoder and the end-to-end AIS package.
-WHOLE_IMAGE_NOTE = (
-    "Give the whole image in one call, at any size. The package normalises each channel over the whole image "
-    "and resizes the image so that its longer side is 1024 pixels, so a host that tiles the input (with or "
-    "without a halo) gets other numbers: every tile would be normalised and resized on its own, and the ViT "
-    "attends globally, so no halo makes tiles agree. No halo is declared for this reason. For large images use "
-    "µSAM's tiling (`usam embed --tile-shape ... --halo ...`), which encodes each tile as micro-sam does."
 )
 
 
@@ -58,12 +48,6 @@ and zero padding to 1024 x 1024, then the ViT. The family's prompt decoder (and 
 
 {WHOLE_IMAGE_NOTE}
 """
-
-
-def embedding_axes() -> list:
-    """Axes of the (1, 256, 64, 64) embeddings tensor, shared by every package that produces or reads it."""
-    return [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
-            Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)]
 
 
 def _family_config(checkpoint: Checkpoint, name: str, kind: str, **extra) -> dict:
@@ -100,7 +84,7 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
     feats = feats - feats.mean(0)
     pcs = feats @ np.linalg.svd(feats, full_matrices=False)[2][:3].T
     pcs = pcs.reshape(registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE, 3)
-    from usam_bioimageio.overlay import to_display
+    from usam_bioimageio.io.overlay import to_display
 
     cover_left = to_display(sample.image)
     cover_right = to_display(np.kron(pcs, np.ones((4, 4, 1))))
@@ -241,8 +225,6 @@ def export_family(
                              test)
             bar.update()
             if ckpt.decoder_state is not None:  # µSAM checkpoints with an AIS decoder
-                from .export_ais import write_ais_packages
-
                 bar.set_postfix_str("AIS and AIS head")
                 write_ais_packages(ckpt, sample, embeddings, encoder_sha, name, files, formats, work, test=test)
                 bar.update()

@@ -5,7 +5,7 @@ Our own small, typed vocabulary for tensors and their axes (:class:`TensorSpec`,
 :class:`DataDependent`) and :func:`build_model_descr`, which turns it plus the files of a package
 (weights, test tensors, documentation, covers) into a ``bioimageio.spec`` ``ModelDescr``.
 
-Nothing here writes files; :mod:`usam_exporters.package` writes them and calls :func:`build_model_descr`.
+Nothing here writes files; :mod:`usam_exporters.writer` writes them and calls :func:`build_model_descr`.
 
 Offline notes (bioimageio.spec 0.5.12):
 
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from usam_bioimageio import registry
 
 # --------------------------------------------------------------------------------------------------
 # citations and license facts
@@ -186,7 +188,7 @@ class TensorSpec:
     """One input or output tensor.
 
     ``name`` becomes the tensor id (lower case letters, digits and ``_``). ``data`` is the test tensor:
-    required for inputs; for outputs computed by :func:`usam_exporters.package.write_package` unless given.
+    required for inputs; for outputs computed by :func:`usam_exporters.writer.write_package` unless given.
     ``data_descr`` (a ``bioimageio.spec.model.v0_5`` data description) overrides the one derived from
     the test tensor's dtype; ``preprocessing``/``postprocessing`` are v0_5 processing descriptions
     (default: none, i.e. only the implicit ``ensure_dtype``).
@@ -666,3 +668,20 @@ def build_model_descr(
         config=v0_5.Config(**cfg),
         **kw,
     )
+
+
+#: What a host must know before it tiles (README "What the packages expect"): stated in the documentation and
+#: ``config.usam.whole_image`` of the image encoder and the end-to-end AIS package.
+WHOLE_IMAGE_NOTE = (
+    "Give the whole image in one call, at any size. The package normalises each channel over the whole image "
+    "and resizes the image so that its longer side is 1024 pixels, so a host that tiles the input (with or "
+    "without a halo) gets other numbers: every tile would be normalised and resized on its own, and the ViT "
+    "attends globally, so no halo makes tiles agree. No halo is declared for this reason. For large images use "
+    "µSAM's tiling (`usam embed --tile-shape ... --halo ...`), which encodes each tile as micro-sam does."
+)
+
+
+def embedding_axes() -> list:
+    """Axes of the (1, 256, 64, 64) embeddings tensor, shared by every package that produces or reads it."""
+    return [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
+            Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)]

@@ -23,10 +23,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .embeddings import Embeddings
-from .model import SamModel
-from .prompts import ObjectPrompt, _as_objects, build_decoder_inputs, segment_from_prompts
-from .tiling import Tile, TiledEmbeddings, Tiling
+from usam_bioimageio.embeddings.types import Embeddings
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.io.prompt_files import ObjectPrompt
+from usam_bioimageio.prompting.inputs import as_objects, build_decoder_inputs
+from usam_bioimageio.prompting.predict import segment_from_prompts
+from usam_bioimageio.embeddings.types import Tile, TiledEmbeddings, Tiling
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def segment_from_prompts_tiled(
     # validates every prompt against the full image (shapes, labels, inside the image)
     build_decoder_inputs(tiled.original_shape, points=points, point_labels=point_labels, boxes=boxes,
                          mask_inputs=mask_inputs)
-    pts, box = _as_objects(points, 3, "points"), _as_objects(boxes, 2, "boxes")
+    pts, box = as_objects(points, 3, "points"), as_objects(boxes, 2, "boxes")
     if pts is None and box is None:
         raise ValueError("on tiled embeddings every object needs points or a box to choose its tile; "
                          "mask_inputs alone do not locate it")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from .describe import (
+from .specs import (
     DEFAULT_CITATIONS,
     DEFAULT_LICENSE,
     SAM_LICENSE_NOTE,

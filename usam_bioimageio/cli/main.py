@@ -29,14 +29,14 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def _read_image(path: str) -> np.ndarray:
-    from .io import read_image
+    from usam_bioimageio.io.images import read_image
 
     return read_image(path)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        from usam_exporters.export import export_family
+        from usam_exporters.family import export_family
     except ImportError as err:
         print(f"usam export needs the exporters: pip install 'usam-bioimageio[export]' ({err})", file=sys.stderr)
         return 2
@@ -58,7 +58,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        from usam_exporters.package import validate_package
+        from usam_exporters.writer import validate_package
     except ImportError as err:
         print(f"usam validate needs bioimageio.core: pip install 'usam-bioimageio[export]' ({err})", file=sys.stderr)
         return 2
@@ -84,7 +84,7 @@ def _is_stack(image: np.ndarray, forced: bool) -> bool:
 
 
 def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namespace, name: str) -> str:
-    from .cache import cached_embeddings
+    from usam_bioimageio.embeddings.compute import cached_embeddings
 
     stack = _is_stack(image, args.stack)
     tile_shape, halo = args.tile_shape, args.halo
@@ -98,8 +98,9 @@ def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namesp
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .embeddings import compute_embeddings, save_embeddings
-    from .model import SamModel
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.embeddings.npz import save_embeddings
+    from usam_bioimageio.runtime.model import SamModel
 
     if args.halo is not None and args.tile_shape is None:
         raise ValueError("--halo needs --tile-shape")
@@ -137,11 +138,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def _load_embeddings_for(path: Path, image: np.ndarray, model):
     """--embeddings: an .npz of ``usam embed --out`` or a cache folder (ours or micro-sam's)."""
-    from .embeddings import load_embeddings
+    from usam_bioimageio.embeddings.npz import load_embeddings
 
     if not path.is_dir():
         return load_embeddings(path)
-    from .cache import EmbeddingCache, data_sha256, is_micro_sam_cache, load_cache
+    from usam_bioimageio.embeddings.cache import EmbeddingCache, data_sha256, is_micro_sam_cache, load_cache
 
     if not is_micro_sam_cache(path):
         signature = EmbeddingCache.read(path).signature
@@ -157,12 +158,13 @@ def _load_embeddings_for(path: Path, image: np.ndarray, model):
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .embeddings import compute_embeddings
-    from .model import SamModel
-    from .overlay import masks_to_labels, overlay
-    from .prompts import read_prompts, segment_objects
-    from .tiled_prompts import label_objects_tiled
-    from .tiling import TiledEmbeddings
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.io.overlay import masks_to_labels, overlay
+    from usam_bioimageio.io.prompt_files import read_prompts
+    from usam_bioimageio.prompting.predict import segment_objects
+    from usam_bioimageio.prompting.tiled import label_objects_tiled
+    from usam_bioimageio.embeddings.types import TiledEmbeddings
 
     model = SamModel.load(args.model, weight_format=args.weight_format)
     image = _read_image(args.image)
@@ -219,8 +221,8 @@ def _image_jobs(args: argparse.Namespace) -> list:
 
 def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], args: argparse.Namespace,
                         progress: bool):
-    from .embeddings import compute_embeddings
-    from .tiling import compute_tiled_embeddings
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.embeddings.compute import compute_tiled_embeddings
 
     if _is_stack(image, False):
         raise ValueError(f"usam {args.command} segments 2D images; got an array of shape {image.shape}")
@@ -257,8 +259,8 @@ def _run_automatic(args: argparse.Namespace, segment) -> int:
     """Shared driver of ``usam ais`` / ``usam amg``: ``segment(model, image, embeddings, progress)`` -> labels."""
     from tqdm import tqdm
 
-    from .model import SamModel
-    from .overlay import overlay
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.io.overlay import overlay
 
     if args.halo is not None and args.tile_shape is None:
         raise ValueError("--halo needs --tile-shape")
@@ -280,8 +282,8 @@ def _run_automatic(args: argparse.Namespace, segment) -> int:
 
 
 def cmd_ais(args: argparse.Namespace) -> int:
-    from .automatic.ais import AIS_PRESETS, AisParameters
-    from .automatic.segment import automatic_instance_segmentation
+    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
+    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
 
     params = _override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)
 
@@ -292,7 +294,7 @@ def cmd_ais(args: argparse.Namespace) -> int:
 
 
 def cmd_amg(args: argparse.Namespace) -> int:
-    from .automatic.amg import AMG_PRESETS, AmgParameters, automatic_mask_generation
+    from usam_bioimageio.automatic.amg.generator import AMG_PRESETS, AmgParameters, automatic_mask_generation
 
     params = _override(AMG_PRESETS[args.preset] if args.preset else AmgParameters(), args, AMG_OPTIONS)
     if params.crop_n_layers > 0 and args.embeddings:
@@ -308,8 +310,9 @@ def cmd_amg(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
 
-    from .model import SamModel
-    from .report import read_split, run_evaluation, write_report
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.io.datasets import read_split
+    from usam_bioimageio.evaluation.report import run_evaluation, write_report
 
     model = SamModel.load(args.model, weight_format=args.weight_format)
     val = read_split(Path(args.data), args.val_split, args.limit) if {"ais", "amg"} & set(args.modes) else []
@@ -344,8 +347,8 @@ def _add_automatic_parser(sub, name: str, func, helptext: str, presets) -> argpa
 
 
 def _add_automatic_parsers(sub) -> None:
-    from .automatic.ais import AIS_PRESETS, AisParameters
-    from .automatic.amg import AMG_PRESETS, AmgParameters
+    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
+    from usam_bioimageio.automatic.amg.generator import AMG_PRESETS, AmgParameters
 
     ais = _add_automatic_parser(sub, "ais", cmd_ais, "automatic instance segmentation with µSAM's decoder (the "
                                 "family's AIS packages) -> label TIFF", AIS_PRESETS)
@@ -434,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...)")
             p.add_argument("--out", required=True, help="output file")
         p.set_defaults(func=func)
-    p.add_argument("--prompts", required=True, help="prompts as JSON or CSV (see usam_bioimageio.prompts.read_prompts)")
+    p.add_argument("--prompts", required=True, help="prompts as JSON or CSV (see usam_bioimageio.prompting.predict.read_prompts)")
     p.add_argument("--embeddings", default=None,
                    help="precomputed embeddings: .npz from `usam embed --out`, or a cache folder from "
                         "`usam embed --cache` (tiled too) or micro-sam's precompute_image_embeddings")
@@ -442,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_automatic_parsers(sub)
 
-    from .report import MODES
+    from usam_bioimageio.evaluation.report import MODES
 
     p = sub.add_parser("evaluate", help="interactive, AIS, AMG and baseline evaluation on a dataset -> report",
                        description="Evaluate a model family on a dataset with splits.json, images/, labels/ (the "
@@ -468,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its own parser (argparse REMAINDER would swallow nothing before --help)
-        from .training import train_main
+        from usam_bioimageio.training import train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -22,11 +22,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .embeddings import Embeddings, compute_embeddings
-from .evaluation import segmentation_scores
-from .model import SamModel
-from .prompts import segment_from_prompts
-from .training import iterative_prompting as ip
+from usam_bioimageio.embeddings.types import Embeddings
+from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.evaluation.metrics import segmentation_scores
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.prompting.predict import segment_from_prompts
+from usam_bioimageio.prompting import iterative as ip
 
 START_PROMPTS = ("point", "box")
 
@@ -46,7 +47,7 @@ class InteractiveRound:
 
 
 def _label_image(masks: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    from .automatic.amg import masks_to_label_image
+    from usam_bioimageio.automatic.amg.generator import masks_to_label_image
 
     records = [{"segmentation": m, "area": int(np.count_nonzero(m))} for m in masks]
     return masks_to_label_image(records, shape, with_background=False)

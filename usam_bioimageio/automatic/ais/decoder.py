@@ -4,9 +4,9 @@
 (given, or computed with the family's image encoder) through the ``ais_head`` package, whose maps are in
 SAM's padded 1024 x 1024 frame and are brought back to the image size here (:func:`maps_to_original`), or,
 for a family that has only the end-to-end ``ais`` package, through that one. :func:`automatic_instance_segmentation`
-adds µSAM's post-processing (:func:`usam_bioimageio.automatic.ais.instances_from_maps`).
+adds µSAM's post-processing (:func:`usam_bioimageio.automatic.ais.postprocess.instances_from_maps`).
 
-Tiled embeddings (:class:`usam_bioimageio.tiling.TiledEmbeddings`) give the maps of µSAM's
+Tiled embeddings (:class:`usam_bioimageio.embeddings.types.TiledEmbeddings`) give the maps of µSAM's
 ``TiledInstanceSegmentationWithDecoder``: each tile's maps are computed for its outer block (tile + halo) and
 only its inner block is written into the image's maps, so no seam is left where the halo covers the objects;
 the post-processing then runs once over the whole image, so objects crossing tile borders get one label.
@@ -21,13 +21,15 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..embeddings import Embeddings, compute_embeddings, image_to_input
-from ..model import SamModel
-from ..packages import PackageError
-from ..preprocess import interpolation_matrix, longest_side_shape
-from ..registry import IMAGE_SIZE
-from ..tiling import TiledEmbeddings, progress_bar
-from .ais import AisParameters, instances_from_maps
+from usam_bioimageio.embeddings.types import Embeddings
+from usam_bioimageio.embeddings.compute import compute_embeddings, image_to_input
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.errors import PackageError
+from usam_bioimageio.runtime.geometry import interpolation_matrix, longest_side_shape
+from usam_bioimageio.registry import IMAGE_SIZE
+from usam_bioimageio.embeddings.types import TiledEmbeddings
+from usam_bioimageio.progress import progress_bar
+from usam_bioimageio.automatic.ais.postprocess import AisParameters, instances_from_maps
 
 __all__ = ["ais_maps", "automatic_instance_segmentation", "maps_to_original"]
 
@@ -88,7 +90,7 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
     """µSAM's AIS decoder maps of a 2D image: float32 (3, H, W) = foreground probability, centre distances,
     boundary distances (each 0..1), as ``InstanceSegmentationWithDecoder.initialize`` computes them.
 
-    Give ``embeddings`` (from :func:`usam_bioimageio.embeddings.compute_embeddings`; then ``image`` is optional
+    Give ``embeddings`` (from :func:`usam_bioimageio.embeddings.compute.compute_embeddings`; then ``image`` is optional
     and only checked against their shape) to reuse them, e.g. for prompt-based segmentation of the same image;
     otherwise ``image`` (H, W) or (H, W, C) is encoded first. A family without an ``ais_head`` package but
     with the end-to-end ``ais`` package runs that one on ``image``. ``embeddings`` may be tiled

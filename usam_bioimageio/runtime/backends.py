@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .packages import Package, PackageError
+from usam_bioimageio import settings
+from usam_bioimageio.errors import PackageError
+from usam_bioimageio.runtime.packages import Package
 
 WEIGHT_FORMATS = ("onnx", "torchscript")
 
@@ -26,7 +27,7 @@ class Runner:
         self.input_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["inputs"])
         self.output_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["outputs"])
         path = package.weights_path(weight_format)
-        threads = num_threads or int(os.environ.get("USAM_NUM_THREADS", "0")) or None
+        threads = num_threads or settings.num_threads()
         if weight_format == "onnx":
             import onnxruntime as ort
 
@@ -45,8 +46,7 @@ class Runner:
                 import torch
             except ImportError as err:
                 raise PackageError("torchscript weights need torch: pip install 'usam-bioimageio[torch]'") from err
-            if threads:
-                torch.set_num_threads(threads)
+            # torch's thread count is process-wide: a runner leaves it to the caller (torch.set_num_threads)
             self._module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def __call__(self, **inputs: np.ndarray) -> Dict[str, np.ndarray]:

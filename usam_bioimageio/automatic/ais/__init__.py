@@ -1,0 +1,1 @@
+"""µSAM's automatic instance segmentation: the AIS decoder runner and its post-processing."""

@@ -1,0 +1,1 @@
+"""SAM's automatic mask generation (point grid) on our packages."""

@@ -1,0 +1,1 @@
+"""Image embeddings as values: plain, tiled and per-slice types, computing them, the persistent cache and micro-sam's caches."""

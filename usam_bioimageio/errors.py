@@ -1,0 +1,29 @@
+"""The errors a user can cause: one ``UsamError`` base, which the CLI turns into one line on stderr.
+
+Each also derives from the builtin it refines (``ValueError``, ``OSError``), so callers that catch those keep
+working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CacheMismatchError", "ChecksumError", "DownloadError", "PackageError", "UsamError"]
+
+
+class UsamError(Exception):
+    """Base of every error this package raises for bad input, files or packages."""
+
+
+class PackageError(UsamError, ValueError):
+    """A package or family cannot be used: missing, corrupt, of another kind, or mismatched."""
+
+
+class CacheMismatchError(UsamError, ValueError):
+    """An embedding cache was written for other data, another encoder or other settings."""
+
+
+class DownloadError(UsamError, OSError):
+    """A download failed: HTTP error, unreachable host, timeout or a truncated transfer."""
+
+
+class ChecksumError(UsamError, ValueError):
+    """A file's hash is not the expected one."""

@@ -1,0 +1,1 @@
+"""Evaluation as µSAM reports it: metrics, interactive and automatic evaluation, the report."""
