@@ -13,7 +13,7 @@ filtering, NMS and the mask records). The reference is ``SamAutomaticMaskGenerat
 
 Without ``--family`` a seeded random model (``usam_bioimageio.modeling.seeded_sam``) is exported once into
 ``--workdir`` (needs the ``export`` extra; a few minutes for vit_t). ``--checkpoint`` is any checkpoint
-``usam_exporters.checkpoints.load_checkpoint`` reads. Timings on shared machines are noisy: the median of
+``usam_bioimageio.training.checkpoints.load_checkpoint`` reads. Timings on shared machines are noisy: the median of
 the repeats and the ratio of medians are printed, with the CPU times (process time, all threads).
 """
 
@@ -42,7 +42,7 @@ def _random_family(model_type: str, workdir: Path):
     family, state_file = root / "family", root / "sam_state.pt"
     if not (family / "family.yaml").is_file() or not state_file.is_file():
         from usam_bioimageio.modeling import seeded_sam
-        from usam_exporters.checkpoints import save_checkpoint
+        from usam_bioimageio.training.checkpoints import save_checkpoint
         from usam_exporters.family import export_family
 
         root.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     else:
         if not args.checkpoint:
             parser.error("--family needs --checkpoint (the weights for the reference)")
-        from usam_exporters.checkpoints import load_checkpoint
+        from usam_bioimageio.training.checkpoints import load_checkpoint
 
         family, state = args.family, load_checkpoint(args.checkpoint, model_type=args.model_type).sam_state
 

@@ -80,7 +80,7 @@ def measure(path: str, args: argparse.Namespace, family: Path) -> dict:
 
 def export(model_type: str, folder: Path) -> Path:
     from usam_bioimageio.modeling import seeded_sam
-    from usam_exporters.checkpoints import save_checkpoint
+    from usam_bioimageio.training.checkpoints import save_checkpoint
     from usam_exporters.family import export_family
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from usam_bioimageio.modeling.unetr import AIS_CHANNEL_NAMES, maps_to_original, 
 from usam_bioimageio.io.overlay import overlay
 
 from . import modules
-from .checkpoints import Checkpoint
+from usam_bioimageio.training.checkpoints import Checkpoint
 from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Ref, Space, TensorSpec, channel, embedding_axes
 from .writer import write_package
 from .samples import Sample
@@ -262,7 +262,7 @@ def write_ais_packages(
             documentation=_documentation("ais_head", name, checkpoint.model_type),
             covers=[head_cover],
             config=_config(checkpoint, name, "ais_head", conv_t, output_frame="padded",
-                           image_encoder={"name": f"{name} image encoder", "onnx_sha256": encoder_sha}),
+                           image_encoder={"name": f"{name} image encoder", "identity": encoder_sha}),
         )
 
     if "ais" in kinds:

@@ -22,7 +22,7 @@ from usam_bioimageio.runtime.geometry import upscale_masks
 from usam_bioimageio.prompting.inputs import build_decoder_inputs
 
 from . import modules
-from .checkpoints import Checkpoint, as_micro_sam_infers, load_checkpoint
+from usam_bioimageio.training.checkpoints import Checkpoint, as_micro_sam_infers, load_checkpoint
 from .ais import write_ais_packages
 from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Index, Ref, Space, TensorSpec, channel, embedding_axes
 from .writer import DEFAULT_FORMATS, write_package
@@ -170,7 +170,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
         tags=["segment-anything", "micro-sam", "prompt-decoder", "interactive-segmentation", ckpt.model_type],
         covers=[cover],
         config=_family_config(ckpt, name, "prompt_decoder", image_encoder={"name": f"{name} image encoder",
-                                                                            "onnx_sha256": encoder_sha}),
+                                                                            "identity": encoder_sha}),
     )
 
 

@@ -7,7 +7,7 @@ import torch
 from usam_bioimageio import __version__, registry
 from usam_bioimageio.modeling.packaged import ImageEncoderModel, PromptDecoderModel, decoder_state, encoder_state
 
-from .checkpoints import Checkpoint
+from usam_bioimageio.training.checkpoints import Checkpoint
 from .specs import ArchitectureSpec
 
 

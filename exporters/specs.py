@@ -523,7 +523,7 @@ def build_model_descr(
     outputs: Sequence[TensorSpec],
     test_tensors: Mapping[str, Union[str, Path]],
     weights: Mapping[str, Union[str, Path]],
-    sample_tensors: Mapping[str, Union[str, Path]] = {},
+    sample_tensors: Optional[Mapping[str, Union[str, Path]]] = None,
     architecture: Optional[ArchitectureSpec] = None,
     authors: Sequence[Any],
     cite: Sequence[Any] = (),
@@ -585,7 +585,7 @@ def build_model_descr(
             test_tensor=_file(test_tensors[spec.name]),
             data=_data_descr(spec, _dtype_name(arr)),
         )
-        if spec.name in sample_tensors:
+        if spec.name in (sample_tensors or {}):
             kw["sample_tensor"] = _file(sample_tensors[spec.name])
         if output:
             return v0_5.OutputTensorDescr(**kw, postprocessing=list(spec.postprocessing))

@@ -7,7 +7,7 @@ Usage: .venv/bin/python scripts/compact_checkpoint.py CHECKPOINT OUT.pt
 import argparse
 from pathlib import Path
 
-from usam_exporters.checkpoints import load_checkpoint, save_compact_checkpoint
+from usam_bioimageio.training.checkpoints import load_checkpoint, save_compact_checkpoint
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from usam_bioimageio.modeling import seeded_sam
-    from usam_exporters.checkpoints import save_checkpoint
+    from usam_bioimageio.training.checkpoints import save_checkpoint
     from usam_exporters.samples import prompts_from_labels
 
     save_checkpoint(args.out / "vit_t_random.pt", sam_state=seeded_sam("vit_t", seed=0).state_dict())

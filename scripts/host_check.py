@@ -78,7 +78,7 @@ def export_test_family(out: Path, *, quick: bool = False) -> Path:
     and ONNX, what hosts run); not gated here: the bioimageio.core environments of this check are the gate."""
     from usam_bioimageio.modeling import seeded_sam
     from usam_bioimageio.modeling.unetr import seeded_ais_decoder_state
-    from usam_exporters.checkpoints import save_checkpoint
+    from usam_bioimageio.training.checkpoints import save_checkpoint
     from usam_exporters.family import export_family
 
     sid = json.loads((DSB / "splits.json").read_text())["test"][0]

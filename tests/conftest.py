@@ -36,7 +36,7 @@ def usam_cache(tmp_path_factory):
 
 def _export(tmp_path_factory, model_type, formats=None, test=True):
     from usam_bioimageio.modeling import seeded_sam
-    from usam_exporters.checkpoints import save_checkpoint
+    from usam_bioimageio.training.checkpoints import save_checkpoint
     from usam_exporters.family import export_family
 
     root = tmp_path_factory.mktemp(f"family-{model_type}")

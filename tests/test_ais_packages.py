@@ -207,7 +207,7 @@ def ais_family(vit_t_family, reference, sam_state, tmp_path_factory):
     from usam_bioimageio.io.download import sha256_of
     from usam_bioimageio.runtime.packages import FAMILY_FILE, load_package
     from usam_exporters import modules
-    from usam_exporters.checkpoints import Checkpoint
+    from usam_bioimageio.training.checkpoints import Checkpoint
     from usam_exporters.ais import write_ais_packages
     from usam_exporters.samples import load_sample
 
@@ -263,7 +263,7 @@ def test_packages_written_and_described(ais_family):
         assert arch["callable"] == ("AisModel" if kind == "ais" else "AisHeadModel")
         assert arch["kwargs"] == {"model_type": "vit_t", "use_conv_transpose": False, "batch_statistics": True}
     head = family.get("ais_head")
-    assert head.config["image_encoder"]["onnx_sha256"] == family.get("image_encoder").identity
+    assert head.config["image_encoder"]["identity"] == family.get("image_encoder").identity
     assert [t["id"] for t in head.rdf["inputs"]] == ["embeddings"]
     ais = family.get("ais")
     assert [t["id"] for t in ais.rdf["inputs"]] == ["image"] and [t["id"] for t in ais.rdf["outputs"]] == ["maps"]
@@ -443,7 +443,7 @@ def test_errors(head_model, vit_t_family, stardist_image):
 
 def test_checkpoint_with_decoder_state_round_trip(tmp_path, sam_state, reference):
     """A µSAM-layout checkpoint with decoder_state -> Checkpoint.decoder_state -> both modules, strictly."""
-    from usam_exporters.checkpoints import load_checkpoint, save_checkpoint
+    from usam_bioimageio.training.checkpoints import load_checkpoint, save_checkpoint
     from usam_exporters.ais import ais_head_model, ais_model
 
     meta, _ = reference

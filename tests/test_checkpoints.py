@@ -1,4 +1,4 @@
-"""usam_exporters.checkpoints: loading SAM / µSAM checkpoints safely, saving µSAM's layout."""
+"""usam_bioimageio.training.checkpoints: loading SAM / µSAM checkpoints safely, saving µSAM's layout."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from test_download import serve_dir
 from usam_bioimageio import registry
 from usam_bioimageio.errors import ChecksumError
 from usam_bioimageio.modeling import seeded_sam
-from usam_exporters.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from usam_bioimageio.training.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_save_checkpoint_rejects_non_tensors(tmp_path, sam_state):
 def test_compact_checkpoint_roundtrip(tmp_path, sam_state):
     """int8 per output channel: about a quarter of the float32 file, loaded dequantized with each weight
     within half a quantisation step of the original; small tensors exact; a damaged entry is refused."""
-    from usam_exporters.checkpoints import save_compact_checkpoint
+    from usam_bioimageio.training.checkpoints import save_compact_checkpoint
 
     g = torch.Generator().manual_seed(2)
     decoder = {"base.block.1.weight": torch.randn(64, 32, 3, 3, generator=g), "out_conv.bias": torch.randn(3)}

@@ -75,7 +75,7 @@ def test_micro_sam_vit_t_inference_ignores_loaded_attention_biases(seeded_pairs)
     the weights: its vit_t computes with zero biases. ``as_micro_sam_infers`` reproduces that exactly; our
     default (the loaded biases) is what the reference computes once its cache is refreshed."""
     from reference import mobile_sam
-    from usam_exporters.checkpoints import Checkpoint, as_micro_sam_infers
+    from usam_bioimageio.training.checkpoints import Checkpoint, as_micro_sam_infers
 
     ours, refreshed = seeded_pairs("vit_t")
     official = mobile_sam().sam_model_registry["vit_t"]()

@@ -58,7 +58,7 @@ def http_root(tmp_path):
 def test_family_from_folder_has_both_packages(vit_t_family):
     family = load_family(vit_t_family[0])
     assert set(family.packages) >= {"image_encoder", "prompt_decoder"}
-    assert family.get("prompt_decoder").config["image_encoder"]["onnx_sha256"] == family.get("image_encoder").identity
+    assert family.get("prompt_decoder").config["image_encoder"]["identity"] == family.get("image_encoder").identity
 
 
 def test_package_from_zip_url_and_rdf_url(vit_t_family, http_root, model, image, embeddings):
@@ -140,7 +140,7 @@ def test_mixed_family_is_refused(vit_t_family, tmp_path):
     with zipfile.ZipFile(family / "prompt_decoder.zip") as zf:
         zf.extractall(folder)
     rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
-    rdf["config"]["usam"]["image_encoder"]["onnx_sha256"] = "a" * 64
+    rdf["config"]["usam"]["image_encoder"]["identity"] = "a" * 64
     (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
     (family / "prompt_decoder.zip").unlink()
     (family / "family.yaml").unlink()
@@ -234,8 +234,59 @@ def test_cli_embed_and_segment(vit_t_family, image, tmp_path, capsys):
 def test_cli_errors_are_clear(vit_t_family, tmp_path, capsys):
     rc = cli.main(["segment", "--model", str(vit_t_family[0]), "--image", str(tmp_path / "missing.tif"),
                    "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "x.tif")])
-    assert rc == 2
-    assert "no image" in capsys.readouterr().err
+    assert rc == 1  # a file the user named is missing: exit 1, one line
+    err = capsys.readouterr().err
+    assert "no image" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.tif").exists()
     with pytest.raises(SystemExit):
         cli.main(["--help"])
+
+
+def test_cli_one_error_policy(tmp_path, capsys):
+    """usam --version; every verb (train included) turns a user's mistake into one line on stderr and exit 1;
+    options that do not go together exit 2, as argparse's usage errors."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and "usam 0." in capsys.readouterr().out
+    assert cli.main(["train", "--output", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("usam train: error:") and len(err.strip().splitlines()) == 1
+    assert cli.main(["embed", "--model", str(tmp_path), "--image", "x.tif", "--halo", "4", "4"]) == 2
+    assert "--halo needs --tile-shape" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["embed", "--no-such-option"])
+    assert exit_info.value.code == 2
+
+
+def _rewrite_rdf(package_zip, edit):
+    """Unpack a package zip into a folder of the same stem, edit its rdf (a dict) in place, drop the zip."""
+    import yaml
+
+    folder = package_zip.with_suffix("")
+    with zipfile.ZipFile(package_zip) as zf:
+        zf.extractall(folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    edit(rdf)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    package_zip.unlink()
+
+
+def test_sibling_check_holds_for_every_weight_format(vit_t_family, tmp_path):
+    """Package identity exists without ONNX weights (the torchscript sha256 then), so the sibling check never
+    switches itself off; a decoder that records no encoder identity is refused."""
+    family = tmp_path / "torchscript_only"
+    shutil.copytree(vit_t_family[0], family)
+    (family / "family.yaml").unlink()
+    _rewrite_rdf(family / "image_encoder.zip", lambda rdf: rdf["weights"].pop("onnx"))
+    encoder = load_package(family / "image_encoder")
+    assert encoder.identity == encoder.weights_sha256("torchscript") != ""
+    with pytest.raises(PackageError, match="another image encoder"):  # the decoder names the ONNX identity
+        load_family(family)
+    _rewrite_rdf(family / "prompt_decoder.zip",
+                 lambda rdf: rdf["config"]["usam"]["image_encoder"].update(identity=encoder.identity))
+    assert load_family(family).get("prompt_decoder").encoder_identity == encoder.identity
+    shutil.rmtree(family / "prompt_decoder")
+    shutil.copy(vit_t_family[0] / "prompt_decoder.zip", family)
+    _rewrite_rdf(family / "prompt_decoder.zip", lambda rdf: rdf["config"]["usam"].pop("image_encoder"))
+    with pytest.raises(PackageError, match="records no image encoder identity"):
+        load_family(family)

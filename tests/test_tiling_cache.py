@@ -670,12 +670,12 @@ def test_cli_embed_and_segment_with_caches(model, mosaic, stack, small, vit_t_fa
                  str(tmp_path / "x.npz"), "--tile-shape", "512", "512"]) == 2
     assert "--cache" in capsys.readouterr().err
     assert main(["embed", "--model", family, "--image", str(tmp_path / "mosaic.tif"), "--cache", str(mosaic_cache),
-                 "--quiet"]) == 2
+                 "--quiet"]) == 1
     assert "tile_shape" in capsys.readouterr().err
     tifffile.imwrite(tmp_path / "other.tif", image[::-1])
     assert main(["segment", "--model", family, "--image", str(tmp_path / "other.tif"), "--prompts",
                  str(tmp_path / "prompts.json"), "--embeddings", str(mosaic_cache), "--out",
-                 str(tmp_path / "labels2.tif"), "--quiet"]) == 2
+                 str(tmp_path / "labels2.tif"), "--quiet"]) == 1
     assert "another image" in capsys.readouterr().err
 
 
@@ -977,10 +977,10 @@ def test_cli_ais_and_amg(ais_model, vit_t_ais_family, vit_t_family, small, tmp_p
     params = AmgParameters(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.1, box_nms_thresh=1.0)
     expected = automatic_mask_generation(ais_model, image, embeddings=tiled, params=params)
     assert np.array_equal(tifffile.imread(tmp_path / "amg.tif"), expected)
-    # mistakes: an error message and exit status 2, nothing written
+    # mistakes: an error message, exit status 1 (options that do not go together: 2), nothing written
     capsys.readouterr()
     assert main(["ais", "--model", str(vit_t_family[0]), "--image", str(path), "--out",
-                 str(tmp_path / "none.tif"), "--quiet"]) == 2
+                 str(tmp_path / "none.tif"), "--quiet"]) == 1
     assert "no AIS decoder" in capsys.readouterr().err and not (tmp_path / "none.tif").exists()
     assert main(["ais", "--model", family, "--image", str(folder), "--out", str(tmp_path / "x.tif"), "--quiet"]) == 2
     assert "must be a folder" in capsys.readouterr().err

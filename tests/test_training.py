@@ -69,7 +69,7 @@ def tiny_data(data_dir):
 def test_training_reduces_loss_and_writes_usam_checkpoint(tiny_data, tmp_path):
     from usam_bioimageio.modeling import seeded_sam
     from usam_bioimageio.training import TrainConfig, train
-    from usam_exporters.checkpoints import load_checkpoint
+    from usam_bioimageio.training.checkpoints import load_checkpoint
 
     train_data, val_data = tiny_data
     torch.set_num_threads(2)
@@ -189,11 +189,12 @@ def test_initial_checkpoint_decoder_is_trained_on_or_carried(tiny_data, tmp_path
     from usam_bioimageio.modeling import seeded_sam
     from usam_bioimageio.modeling.unetr import seeded_ais_decoder_state
     from usam_bioimageio.training import TrainConfig, train
-    from usam_bioimageio.training.trainer import save_usam_checkpoint
+    from usam_bioimageio.training.checkpoints import save_training_checkpoint
 
     torch.set_num_threads(2)
     decoder = seeded_ais_decoder_state("vit_t", 0)
-    save_usam_checkpoint(tmp_path / "init.pt", seeded_sam("vit_t", seed=0).state_dict(), decoder_state=decoder)
+    save_training_checkpoint(tmp_path / "init.pt", sam_state=seeded_sam("vit_t", seed=0).state_dict(),
+                             decoder_state=decoder)
     base = dict(model_type="vit_t", n_iterations=1, n_objects=1, epochs=1, steps_per_epoch=1, device="cpu", seed=0)
     trained = train(tiny_data[0][:1], (), config=TrainConfig(lr=0.0, ais_crop=4, **base),
                     initial_weights=tmp_path / "init.pt", checkpoint_dir=tmp_path / "a", log=None)
@@ -238,7 +239,7 @@ def test_joint_ais_decoder_training_exports_ais_packages(joint_training):
     from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.modeling.unetr import decoder_state_layout, maps_to_original
     from usam_bioimageio.runtime.packages import load_family
-    from usam_exporters.checkpoints import load_checkpoint
+    from usam_bioimageio.training.checkpoints import load_checkpoint
 
     trainer, checkpoints, family = joint_training
     ais = [h["ais_loss"] for h in trainer.history]
@@ -255,3 +256,24 @@ def test_joint_ais_decoder_training_exports_ais_packages(joint_training):
         expected = maps_to_original(trainer.ais_decoder.eval()(torch.from_numpy(emb.features)),
                                     torch.zeros(image.shape[:2]))[0].numpy()
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_train_reads_every_checkpoint_usam_export_reads(tiny_data, tmp_path):
+    """One checkpoint stack: usam train --checkpoint loads a compact int8 file (as usam export does, dequantized),
+    and the trainer leaves the process's random state alone."""
+    import random
+
+    from usam_bioimageio.modeling import seeded_sam
+    from usam_bioimageio.training import TrainConfig, train
+    from usam_bioimageio.training.checkpoints import load_checkpoint, save_compact_checkpoint
+
+    save_compact_checkpoint(tmp_path / "compact.pt", sam_state=seeded_sam("vit_t", seed=0).state_dict())
+    expected = load_checkpoint(tmp_path / "compact.pt").sam_state
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    config = TrainConfig(model_type="vit_t", n_iterations=1, n_objects=1, epochs=1, steps_per_epoch=1, device="cpu",
+                         seed=0, lr=0.0, train_ais_decoder=False)
+    trained = train(tiny_data[0][:1], (), config=config, initial_weights=tmp_path / "compact.pt", log=None)
+    assert torch.equal(torch.get_rng_state(), states[0]) and np.array_equal(np.random.get_state()[1], states[1])
+    assert random.getstate() == states[2]
+    for k, v in trained.sam.state_dict().items():
+        assert torch.equal(v.cpu(), expected[k]), k

@@ -6,11 +6,15 @@ working.
 
 from __future__ import annotations
 
-__all__ = ["CacheMismatchError", "ChecksumError", "DownloadError", "PackageError", "UsamError"]
+__all__ = ["CacheMismatchError", "ChecksumError", "DownloadError", "PackageError", "UsageError", "UsamError"]
 
 
 class UsamError(Exception):
     """Base of every error this package raises for bad input, files or packages."""
+
+
+class UsageError(UsamError, ValueError):
+    """Options that do not go together (the CLI exits with 2, as for argparse's usage errors)."""
 
 
 class PackageError(UsamError, ValueError):

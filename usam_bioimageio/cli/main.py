@@ -9,6 +9,9 @@ from typing import List, Optional
 
 import numpy as np
 
+from usam_bioimageio import __version__
+from usam_bioimageio.errors import UsageError, UsamError
+
 
 def _write_tiff(path: Path, labels: np.ndarray) -> None:
     import tifffile
@@ -38,8 +41,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         from usam_exporters.family import export_family
     except ImportError as err:
-        print(f"usam export needs the exporters: pip install 'usam-bioimageio[export]' ({err})", file=sys.stderr)
-        return 2
+        raise UsamError(f"usam export needs the exporters: pip install 'usam-bioimageio[export]' ({err})") from err
     out = export_family(
         checkpoint=args.checkpoint,
         output_dir=Path(args.out),
@@ -60,14 +62,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         from usam_exporters.writer import validate_package
     except ImportError as err:
-        print(f"usam validate needs bioimageio.core: pip install 'usam-bioimageio[export]' ({err})", file=sys.stderr)
-        return 2
+        raise UsamError(f"usam validate needs bioimageio.core: pip install 'usam-bioimageio[export]' ({err})") from err
     ok = True
     for path in args.packages:
         summary = validate_package(Path(path))
         for fmt, status in summary.items():
             print(f"{path}: {fmt}: {status}")
             ok &= status == "passed"
+        for reason in summary.errors:  # why a check failed, one line each
+            print(f"{path}: failed: {reason}")
+        ok &= summary.passed
     return 0 if ok else 1
 
 
@@ -78,7 +82,7 @@ def _is_stack(image: np.ndarray, forced: bool) -> bool:
     """A stack (z, y, x[, c]): with --stack, a 4D array, or a 3D array whose last axis is too long for channels."""
     if forced:
         if image.ndim not in (3, 4):
-            raise ValueError(f"--stack needs a (z, y, x) or (z, y, x, c) image, got shape {image.shape}")
+            raise UsageError(f"--stack needs a (z, y, x) or (z, y, x, c) image, got shape {image.shape}")
         return True
     return image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
 
@@ -103,22 +107,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from usam_bioimageio.runtime.model import SamModel
 
     if args.halo is not None and args.tile_shape is None:
-        raise ValueError("--halo needs --tile-shape")
+        raise UsageError("--halo needs --tile-shape")
     source = Path(args.image)
     if args.cache is None:
         if args.out is None:
-            raise ValueError("give --out FILE.npz (one 2D image) or --cache PATH (any image, stack or folder)")
+            raise UsageError("give --out FILE.npz (one 2D image) or --cache PATH (any image, stack or folder)")
         if args.tile_shape is not None or args.stack or source.is_dir():
-            raise ValueError("tiled embeddings, stacks and folders of images are written to a cache: "
+            raise UsageError("tiled embeddings, stacks and folders of images are written to a cache: "
                              "pass --cache PATH")
     elif args.out is not None:
-        raise ValueError("give --out or --cache, not both")
+        raise UsageError("give --out or --cache, not both")
 
     model = SamModel.load(args.model, weight_format=args.weight_format)
     if args.cache is None:
         image = _read_image(args.image)
         if _is_stack(image, False):
-            raise ValueError(f"{args.image} holds a stack of shape {image.shape}: pass --cache PATH")
+            raise UsageError(f"{args.image} holds a stack of shape {image.shape}: pass --cache PATH")
         emb = compute_embeddings(model, image)
         save_embeddings(Path(args.out), emb)
         print(f"wrote embeddings {emb.features.shape} to {args.out}")
@@ -205,7 +209,7 @@ def _image_jobs(args: argparse.Namespace) -> list:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
     out = Path(args.out)
     if out.suffix.lower() in (".tif", ".tiff"):
-        raise ValueError(f"--image is a folder: --out must be a folder for the label images, not {out}")
+        raise UsageError(f"--image is a folder: --out must be a folder for the label images, not {out}")
     jobs = []
     for path in files:
         emb = None
@@ -228,7 +232,7 @@ def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], ar
         raise ValueError(f"usam {args.command} segments 2D images; got an array of shape {image.shape}")
     if embeddings is not None:
         if args.tile_shape is not None:
-            raise ValueError("--tile-shape and --halo are read from the embedding cache; do not give them with "
+            raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
                              "--embeddings")
         emb = _load_embeddings_for(embeddings, image, model)
         if tuple(emb.original_shape) != image.shape[:2]:
@@ -263,7 +267,7 @@ def _run_automatic(args: argparse.Namespace, segment) -> int:
     from usam_bioimageio.io.overlay import overlay
 
     if args.halo is not None and args.tile_shape is None:
-        raise ValueError("--halo needs --tile-shape")
+        raise UsageError("--halo needs --tile-shape")
     jobs = _image_jobs(args)
     model = SamModel.load(args.model, weight_format=args.weight_format)
     single = len(jobs) == 1
@@ -298,7 +302,7 @@ def cmd_amg(args: argparse.Namespace) -> int:
 
     params = _override(AMG_PRESETS[args.preset] if args.preset else AmgParameters(), args, AMG_OPTIONS)
     if params.crop_n_layers > 0 and args.embeddings:
-        raise ValueError("--crop-n-layers encodes crops of the image: it cannot use --embeddings")
+        raise UsageError("--crop-n-layers encodes crops of the image: it cannot use --embeddings")
 
     def segment(model, image, emb, progress):
         return automatic_mask_generation(model, image, embeddings=emb, params=params,
@@ -385,6 +389,7 @@ def _add_automatic_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usam", description="Segment Anything for Microscopy as bioimage.io packages.")
+    parser.add_argument("--version", action="version", version=f"usam {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="checkpoint -> bioimage.io packages (image encoder, prompt decoder)")
@@ -468,19 +473,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")).strip()
+    return text or type(err).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """``usam``: one error policy for every verb. Errors a user can cause (our ``UsamError``s, bad values,
+    files: ``ValueError``, ``OSError``) are one line on stderr and exit status 1; options that do not go together
+    exit with 2, as argparse's usage errors do."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its own parser (argparse REMAINDER would swallow nothing before --help)
-        from usam_bioimageio.training import train_main
+        command = "train"
 
-        return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    args.argv = argv[1:]
+        def run() -> int:
+            from usam_bioimageio.training import train_main
+
+            return train_main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        args.argv = argv[1:]
+        command = args.command
+
+        def run() -> int:
+            return args.func(args)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"usam {args.command}: error: {err}", file=sys.stderr)
+        return run()
+    except UsageError as err:
+        print(f"usam {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (UsamError, ValueError, OSError) as err:
+        print(f"usam {command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"usam {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 from usam_bioimageio import registry
 from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.runtime.model import SamModel
-from usam_bioimageio.errors import PackageError
+from usam_bioimageio.runtime.packages import check_encoder
 from usam_bioimageio.prompting.inputs import build_decoder_inputs
 from usam_bioimageio.runtime.geometry import upscale_masks_binary
 
@@ -46,9 +46,7 @@ def segment_from_prompts(
     a single object's prompts may omit the object axis. Every object gets the same kinds of prompts.
     """
     decoder = model.runner("prompt_decoder")
-    expected = decoder.package.config.get("image_encoder", {}).get("onnx_sha256")
-    if expected and embeddings.encoder and expected != embeddings.encoder:
-        raise PackageError("these embeddings come from another image encoder than this decoder was exported for")
+    check_encoder(decoder.package, embeddings.encoder, "these embeddings come from")
     inputs = build_decoder_inputs(
         embeddings.original_shape, points=points, point_labels=point_labels, boxes=boxes, mask_inputs=mask_inputs
     )

@@ -25,6 +25,7 @@ from usam_bioimageio.settings import cache_dir
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 FAMILY_FILE = "family.yaml"
 KINDS = ("image_encoder", "prompt_decoder", "ais", "ais_head")
+IDENTITY_FORMATS = ("onnx", "torchscript", "pytorch_state_dict")
 # bioimage.io resolves an id to its rdf.yaml here (bioimageio.spec settings.collection_http_pattern).
 BIOIMAGEIO_RDF_URL = "https://hypha.aicell.io/bioimage-io/artifacts/{id}/files/rdf.yaml"
 
@@ -70,8 +71,18 @@ class Package:
 
     @property
     def identity(self) -> str:
-        """What embeddings and siblings are checked against: the sha256 of the ONNX weights."""
-        return self.weights_sha256("onnx") if "onnx" in self.weight_formats else ""
+        """What embeddings and siblings are checked against: the sha256 of the package's weights, of the first
+        format it has of ONNX, torchscript, pytorch_state_dict (an ONNX-holding encoder: its ONNX weights)."""
+        for fmt in IDENTITY_FORMATS:
+            if fmt in self.weight_formats and self.weights_sha256(fmt):
+                return self.weights_sha256(fmt)
+        raise PackageError(f"package {self.name!r} has no weights with a sha256 (rdf.yaml weights)")
+
+    @property
+    def encoder_identity(self) -> str:
+        """The identity of the image encoder this decoder was exported for ("" if it records none)."""
+        recorded = self.config.get("image_encoder", {})
+        return str(recorded.get("identity") or recorded.get("onnx_sha256") or "")  # onnx_sha256: before 0.1.1
 
 
 @dataclass(frozen=True)
@@ -237,15 +248,26 @@ def load_family(source: Union[str, os.PathLike]) -> Family:
     return family
 
 
+def check_encoder(package: Package, identity: str, what: str) -> None:
+    """Refuse ``package`` (a decoder) with embeddings of (or next to) an image encoder of another ``identity``.
+
+    ``identity`` "" (embeddings from micro-sam's caches, which record none of our packages) is not checked;
+    a decoder that records no encoder identity is refused: without it no check could be made.
+    """
+    expected = package.encoder_identity
+    if not expected:
+        raise PackageError(f"{package.name!r} records no image encoder identity (config.usam.image_encoder."
+                           "identity): re-export it with `usam export`")
+    if identity and identity != expected:
+        raise PackageError(f"{package.name!r} was exported for another image encoder ({expected[:12]}...) than "
+                           f"{what} ({identity[:12]}...): packages of different models are mixed")
+
+
 def check_siblings(family: Family) -> None:
     """Refuse a family whose decoders were exported for another image encoder than the one present."""
     if "image_encoder" not in family:
         return
     encoder = family.get("image_encoder")
     for kind, package in family.packages.items():
-        expected = package.config.get("image_encoder", {}).get("onnx_sha256")
-        if kind != "image_encoder" and expected and expected != encoder.identity:
-            raise PackageError(
-                f"{package.name!r} was exported for image encoder {expected[:12]}..., but the family's encoder "
-                f"{encoder.name!r} is {encoder.identity[:12]}...: packages of different models are mixed"
-            )
+        if kind != "image_encoder":
+            check_encoder(package, encoder.identity, f"the family's encoder {encoder.name!r}")

@@ -44,12 +44,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import random
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -61,15 +58,14 @@ from usam_bioimageio.modeling.preprocess import SamPreprocess
 from usam_bioimageio.modeling.unetr import AisDecoder, build_ais_decoder, maps_to_original
 from usam_bioimageio.runtime.geometry import longest_side_shape, to_rgb
 from usam_bioimageio.prompting import iterative as ip
+from usam_bioimageio.training.checkpoints import load_checkpoint, save_training_checkpoint
 from usam_bioimageio.training.targets import distance_targets
 
-__all__ = ["TrainConfig", "Trainer", "dice_loss", "distance_loss", "load_sam_weights", "save_usam_checkpoint", "train",
-           "train_main"]
-
-SAM_PREFIX = "sam."  # µSAM's TrainableSAM wrapper prefixes the SAM keys in training checkpoints
+__all__ = ["TrainConfig", "Trainer", "dice_loss", "distance_loss", "train", "train_main"]
 
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model_type: str = "vit_b"
     n_iterations: int = 8  # µSAM train_sam's n_sub_iteration
@@ -123,38 +119,6 @@ def distance_loss(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             + _dice(maps[:, 2:3] * fg, targets[:, 2:3] * fg))
 
 
-def save_usam_checkpoint(path: Path, sam_state: Dict[str, torch.Tensor], *,
-                         decoder_state: Optional[Dict[str, torch.Tensor]] = None, **extra) -> None:
-    """Atomically write ``{"model_state": {"sam." + key: tensor}[, "decoder_state": ...], **extra}`` (µSAM's
-    finetuning layout; ``decoder_state`` is the AIS decoder's, as µSAM's JointSamTrainer saves it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model_state": {SAM_PREFIX + k: v.detach().cpu().clone() for k, v in sam_state.items()}, **extra}
-    if decoder_state is not None:
-        state["decoder_state"] = {k: v.detach().cpu().clone() for k, v in decoder_state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load_sam_weights(path: Path) -> Dict[str, torch.Tensor]:
-    """SAM state dict from a plain SAM file or a µSAM ``{"model_state": ...}`` file (weights_only load)."""
-    return _load_weights(path)[0]
-
-
-def _load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
-    """(SAM state dict, µSAM ``decoder_state`` or None) of a file, read once (weights_only load)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj["model_state"] if "model_state" in obj else obj
-    sam_state = {(k[len(SAM_PREFIX):] if k.startswith(SAM_PREFIX) else k): v for k, v in state.items()}
-    return sam_state, (obj.get("decoder_state") if "model_state" in obj else None)
-
-
 @dataclasses.dataclass
 class _Sample:
     labels: np.ndarray  # (H, W) int
@@ -187,8 +151,7 @@ class Trainer:
                  carried_decoder_state: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self.config = config
         self.log = log or (lambda message: None)
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        # seeded generators of its own: the process's global random state is left as it was
         self.rng = np.random.default_rng(config.seed)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.sam = sam.to(self.device)
@@ -196,8 +159,11 @@ class Trainer:
             p.requires_grad_(not config.freeze_encoder)
         self.ais_decoder: Optional[AisDecoder] = None
         if config.train_ais_decoder:
-            decoder = ais_decoder or build_ais_decoder(config.model_type, use_conv_transpose=config.ais_conv_transpose)
-            self.ais_decoder = decoder.to(self.device)
+            if ais_decoder is None:
+                with torch.random.fork_rng(devices=[]):  # seeded initial weights, global torch RNG untouched
+                    torch.manual_seed(config.seed)
+                    ais_decoder = build_ais_decoder(config.model_type, use_conv_transpose=config.ais_conv_transpose)
+            self.ais_decoder = ais_decoder.to(self.device)
         elif ais_decoder is not None:
             raise ValueError("an ais_decoder was given, but config.train_ais_decoder is False")
         if carried_decoder_state is not None and (self.ais_decoder is not None or not config.freeze_encoder):
@@ -468,9 +434,9 @@ class Trainer:
                          "current_metric": metric, "model_type": cfg.model_type}
                 state = self.sam.state_dict()
                 decoder = self.ais_decoder.state_dict() if self.ais_decoder is not None else self.carried_decoder_state
-                save_usam_checkpoint(Path(checkpoint_dir) / "latest.pt", state, decoder_state=decoder, **extra)
+                save_training_checkpoint(Path(checkpoint_dir) / "latest.pt", sam_state=state, decoder_state=decoder, **extra)
                 if improved:
-                    save_usam_checkpoint(Path(checkpoint_dir) / "best.pt", state, decoder_state=decoder, **extra)
+                    save_training_checkpoint(Path(checkpoint_dir) / "best.pt", sam_state=state, decoder_state=decoder, **extra)
             if cfg.early_stopping is not None and since_best >= cfg.early_stopping:
                 self.log(f"early stopping: no improvement for {since_best} epochs")
                 break
@@ -479,20 +445,23 @@ class Trainer:
 
 def train(train_data: Sequence[Tuple[np.ndarray, np.ndarray]], val_data: Sequence[Tuple[np.ndarray, np.ndarray]] = (),
           *, config: TrainConfig = TrainConfig(), checkpoint_dir: Optional[Path] = None,
-          initial_weights: Optional[Path] = None, sam: Optional[Sam] = None,
+          initial_weights: Optional[Union[str, Path]] = None, sam: Optional[Sam] = None,
           log: Optional[Callable[[str], None]] = print) -> Trainer:
     """Finetune ``sam`` (default: ``build_sam(config.model_type)`` with ``initial_weights`` loaded) and return
     the :class:`Trainer` (``.sam``, ``.history``, ``.best_metric``); checkpoints go to ``checkpoint_dir``.
 
     An AIS decoder in ``initial_weights`` (µSAM's ``decoder_state``) is trained on from its weights, or, when
     neither it (``train_ais_decoder=False``) nor the encoder is trained, written unchanged into the checkpoints."""
-    torch.manual_seed(config.seed)
     decoder_state = None
     if sam is None:
-        sam = build_sam(config.model_type)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global torch RNG untouched
+            torch.manual_seed(config.seed)
+            sam = build_sam(config.model_type)
         if initial_weights is not None:
-            sam_state, decoder_state = _load_weights(Path(initial_weights))
-            sam.load_state_dict(sam_state, strict=True)
+            # the one checkpoint loader (as usam export): files, URLs, registry names, compact int8 files
+            checkpoint = load_checkpoint(initial_weights, model_type=config.model_type)
+            sam.load_state_dict(checkpoint.sam_state, strict=True)
+            decoder_state = checkpoint.decoder_state
     ais_decoder = None
     if decoder_state is not None and config.train_ais_decoder:
         from usam_bioimageio.modeling.unetr import load_ais_decoder, uses_conv_transpose
@@ -532,7 +501,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--val-labels", type=Path)
     parser.add_argument("--output", type=Path, required=True, help="folder for best.pt / latest.pt")
     parser.add_argument("--model-type", default="vit_b")
-    parser.add_argument("--checkpoint", type=Path, help="initial SAM / µSAM weights (default: untrained)")
+    parser.add_argument("--checkpoint", help="initial SAM / µSAM weights: a file (µSAM's layouts, compact int8 "
+                        "files), URL or registry name, as usam export reads them (default: untrained)")
     defaults = TrainConfig()
     for name in ("n_iterations", "n_objects", "batch_size", "epochs", "steps_per_epoch", "early_stopping", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))

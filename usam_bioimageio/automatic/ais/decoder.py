@@ -25,6 +25,7 @@ from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.embeddings.compute import compute_embeddings, image_to_input
 from usam_bioimageio.runtime.model import SamModel
 from usam_bioimageio.errors import PackageError
+from usam_bioimageio.runtime.packages import check_encoder
 from usam_bioimageio.runtime.geometry import interpolation_matrix, longest_side_shape
 from usam_bioimageio.registry import IMAGE_SIZE
 from usam_bioimageio.embeddings.types import TiledEmbeddings
@@ -60,16 +61,6 @@ def maps_to_original(maps: np.ndarray, original_shape: Sequence[int]) -> np.ndar
     if h * new_w * (new_h + w) <= new_h * w * (new_w + h):  # the cheaper order of the two products
         return np.matmul(np.matmul(rows, cropped), cols.T)
     return np.matmul(rows, np.matmul(cropped, cols.T))
-
-
-def _check_encoder(model: SamModel, embeddings: Embeddings) -> None:
-    head = model.family.get("ais_head")
-    expected = head.config.get("image_encoder", {}).get("onnx_sha256")
-    if expected and embeddings.encoder and expected != embeddings.encoder:
-        raise PackageError(
-            "these embeddings come from another image encoder than the AIS decoder was exported for "
-            f"({embeddings.encoder[:12]}... vs {expected[:12]}...)"
-        )
 
 
 def _tiled_maps(model: SamModel, tiled: TiledEmbeddings, progress: bool) -> np.ndarray:
@@ -122,7 +113,7 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
         return _tiled_maps(model, embeddings, progress)
     if embeddings is None:
         embeddings = compute_embeddings(model, image)
-    _check_encoder(model, embeddings)
+    check_encoder(model.family.get("ais_head"), embeddings.encoder, "these embeddings come from")
     runner = model.runner("ais_head")
     features = np.ascontiguousarray(embeddings.features, dtype=np.float32)
     (padded,) = runner(**{runner.input_names[0]: features}).values()

@@ -68,7 +68,7 @@ from usam_bioimageio import registry
 from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.embeddings.compute import compute_embeddings
 from usam_bioimageio.runtime.model import SamModel
-from usam_bioimageio.errors import PackageError
+from usam_bioimageio.runtime.packages import check_encoder
 from usam_bioimageio.runtime.geometry import longest_side_shape, mask_upscale_matrix, to_rgb
 from usam_bioimageio.prompting.inputs import build_decoder_inputs
 from usam_bioimageio.embeddings.types import TiledEmbeddings
@@ -371,13 +371,6 @@ class _Masks:
         return mask
 
 
-def _check_embeddings(model: SamModel, embeddings: Union[Embeddings, TiledEmbeddings]) -> None:
-    decoder = model.runner("prompt_decoder")
-    expected = decoder.package.config.get("image_encoder", {}).get("onnx_sha256")
-    if expected and embeddings.encoder and expected != embeddings.encoder:
-        raise PackageError("these embeddings come from another image encoder than this decoder was exported for")
-
-
 def _decode_batch(model: SamModel, embeddings: Embeddings, points: np.ndarray, params: AmgParameters,
                   chunk: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, List[np.ndarray]]:
     """Decode one batch of grid points (crop coordinates) and apply the per-mask filters.
@@ -610,7 +603,7 @@ def _checked_shape(model: SamModel, image, embeddings, params: AmgParameters) ->
         if params.crop_n_layers > 0:
             raise ValueError("crop layers (crop_n_layers > 0) need the image: its crops are encoded separately")
     if embeddings is not None:
-        _check_embeddings(model, embeddings)
+        check_encoder(model.family.get("prompt_decoder"), embeddings.encoder, "these embeddings come from")
     return shape
 
 

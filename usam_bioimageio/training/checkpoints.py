@@ -35,7 +35,8 @@ from torch import Tensor
 from usam_bioimageio.io import download
 from usam_bioimageio.registry import ARCHITECTURES, PUBLISHED_MODELS, PublishedModel
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "save_compact_checkpoint", "SAM_PREFIX"]
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "save_compact_checkpoint", "save_training_checkpoint",
+           "SAM_PREFIX"]
 
 SAM_PREFIX = "sam."  # µSAM TrainableSAM wrapper (micro_sam.training.trainable_sam)
 _SAM_COMPONENTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -340,6 +341,24 @@ def save_checkpoint(
     path = Path(path)
     where = f"save_checkpoint({path})"
     state = {"model_state": _tensor_dict(sam_state, "sam_state", where)}
+    if decoder_state is not None:
+        state["decoder_state"] = _tensor_dict(decoder_state, "decoder_state", where)
+    return _save_atomic(path, state)
+
+
+def save_training_checkpoint(
+    path: Union[str, os.PathLike],
+    *,
+    sam_state: Mapping[str, Tensor],
+    decoder_state: Optional[Mapping[str, Tensor]] = None,
+    **extra,
+) -> Path:
+    """Write a finetuning checkpoint as µSAM's trainer does: ``{"model_state": {"sam." + key: tensor}[,
+    "decoder_state": ...], **extra}`` (``extra``: training bookkeeping, plain values), atomically."""
+    path = Path(path)
+    where = f"save_training_checkpoint({path})"
+    sam = _tensor_dict(sam_state, "sam_state", where)
+    state = {"model_state": {SAM_PREFIX + k: v for k, v in sam.items()}, **extra}
     if decoder_state is not None:
         state["decoder_state"] = _tensor_dict(decoder_state, "decoder_state", where)
     return _save_atomic(path, state)
