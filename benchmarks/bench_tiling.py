@@ -92,7 +92,7 @@ def compare(ours_cache: Path, micro_sam_cache: Path) -> dict:
 
     from usam_bioimageio.embeddings.cache import load_cache, load_micro_sam_embeddings
 
-    ours, theirs = load_cache(ours_cache), load_micro_sam_embeddings(micro_sam_cache)
+    ours, theirs = load_cache(ours_cache)[0], load_micro_sam_embeddings(micro_sam_cache)[0]
     diff, scale = 0.0, 0.0
     for t in range(len(ours)):
         a, b = ours.features[t], theirs.features[t]

@@ -46,8 +46,12 @@ class StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def setup_imports() -> str:
-    sys.path.insert(0, str(ROOT))
+def setup_imports(*, stub_missing: bool = True) -> str:
+    """The one loader of the stand-ins: the real torchvision / timm if both import, else tests/_shims first on
+    the path; ``stub_missing``: also stubs for the torchvision submodules tests/_shims lacks (micro-sam's
+    module-level imports). Returns what is in use."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     try:
         import torchvision  # noqa: F401
         import timm  # noqa: F401
@@ -55,8 +59,10 @@ def setup_imports() -> str:
     except Exception:
         for m in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
             del sys.modules[m]
-        sys.path.insert(0, str(ROOT / "tests" / "_shims"))
-        sys.meta_path.append(StubFinder())
+        if str(ROOT / "tests" / "_shims") not in sys.path:
+            sys.path.insert(0, str(ROOT / "tests" / "_shims"))
+        if stub_missing and not any(isinstance(f, StubFinder) for f in sys.meta_path):
+            sys.meta_path.append(StubFinder())
         return "tests/_shims stand-ins (torchvision / timm not importable with this torch)"
 
 

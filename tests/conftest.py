@@ -20,7 +20,7 @@ def dsb_test_ids():
 @pytest.fixture(scope="session")
 def data_dir():
     if not DATA.is_dir():
-        pytest.skip(f"real data not found at {DATA}")
+        pytest.fail(f"real data not found at {DATA}: the tests need ../shared/data beside the checkout (never skipped)")
     return DATA
 
 

@@ -13,30 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-SHIMS = Path(__file__).parent / "_shims"
-
-
-def _ensure_importable(name: str) -> None:
-    try:
-        importlib.import_module(name)
-    except Exception:
-        for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-            del sys.modules[mod]
-        if str(SHIMS) not in sys.path:
-            sys.path.insert(0, str(SHIMS))
-        importlib.import_module(name)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from micro_sam_env import setup_imports  # noqa: E402  (the one stand-in loader, shared with the scripts)
 
 
 def segment_anything():
     """The real ``segment_anything`` package (vit_b / vit_l / vit_h)."""
-    _ensure_importable("torchvision")
+    setup_imports(stub_missing=False)
     return importlib.import_module("segment_anything")
 
 
 def mobile_sam():
     """The real ``mobile_sam`` package (vit_t)."""
-    _ensure_importable("torchvision")
-    _ensure_importable("timm")
+    setup_imports(stub_missing=False)
     return importlib.import_module("mobile_sam")
 
 

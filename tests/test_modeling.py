@@ -220,8 +220,8 @@ def test_seeded_vit_has_random_position_parameters(seeded_pairs):
 def test_small_encoders_trace_and_export_to_onnx(kind, tmp_path):
     """Same code paths as the real encoders (window padding, relative positions, attention biases) at a
     small size: torch.jit.trace and the TorchScript ONNX exporter must reproduce eager outputs."""
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
     from usam_bioimageio.modeling.image_encoder import ImageEncoderViT
     from usam_bioimageio.modeling.tiny_vit import TinyViT
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("bioimageio.core")
-pytest.importorskip("onnxruntime")
+import bioimageio.core  # noqa: E402,F401  (the gate: missing is an error, never a skip)
+import onnxruntime  # noqa: E402,F401
+import torch  # noqa: E402
 
 from toy_modules import NoisyConv, TinyConv, ToyPromptDecoder  # noqa: E402  (tests/ is on sys.path)
 

@@ -8,7 +8,7 @@ needs many tiles runs on a stand-in encoder that records its input instead.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +39,6 @@ from usam_bioimageio.embeddings.compute import compute_stack_embeddings, compute
 
 ROOT = Path(__file__).resolve().parents[1]
 GONUCLEAR = DATA / "gonuclear3d"
-MICRO_SAM_PYTHON = Path(os.environ.get("USAM_MICRO_SAM_PYTHON", "/tmp/usam-ais-ref/bin/python"))
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -181,9 +180,10 @@ def small(model, tmp_path_factory):
     image = tifffile.imread(DATA / "stardist_samples" / "tests_img2d.tif")
     cache = tmp_path_factory.mktemp("small") / "stardist.zarr"
     with counting_encoder(model) as counter:
-        emb = cached_embeddings(model, image, cache, progress=False)
+        stack = cached_embeddings(model, image, cache, progress=False)
     assert counter.calls == 1
-    return image, emb, cache
+    assert isinstance(stack, StackEmbeddings) and len(stack) == 1 and not stack.is_stack  # one type, one slice
+    return image, stack[0], cache
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +356,8 @@ def test_second_run_makes_no_encoder_call(model, mosaic, small):
     with counting_encoder(model) as counter:
         again = compute_tiled_embeddings(model, image, tile_shape=(1024, 1024), halo=(256, 256), cache=cache,
                                          progress=False)
-        loaded = load_cache(cache)
-        small_again = cached_embeddings(model, small[0], small[2], progress=False)
+        loaded = load_cache(cache)[0]
+        small_again = cached_embeddings(model, small[0], small[2], progress=False)[0]
     assert counter.calls == 0
     assert isinstance(loaded, TiledEmbeddings) and loaded.tiling == tiled.tiling
     for t in range(4):
@@ -506,7 +506,8 @@ def test_stack_embeddings_per_slice_and_prompting(model, stack):
     ref = segment_from_prompts(model, direct, points=points, point_labels=point_labels)
     assert got.masks.shape == (len(ids), 1, 100, 100) and np.array_equal(got.masks, ref.masks)
     loaded = load_cache(cache)
-    assert isinstance(loaded, StackEmbeddings) and np.array_equal(loaded[2].features, emb[2].features)
+    assert isinstance(loaded, StackEmbeddings) and loaded.is_stack
+    assert np.array_equal(loaded[2].features, emb[2].features)
     with pytest.raises(ValueError, match="give tile_shape and halo together"):
         compute_stack_embeddings(model, volume, tile_shape=64, progress=False)
 
@@ -528,74 +529,14 @@ def test_tiled_stack_through_a_cache(fake_model, tmp_path):
 
 # -- micro-sam's caches ----------------------------------------------------------------------------------
 
-MICRO_SAM_CHILD = r"""
-import sys
-from pathlib import Path
-root, out = Path(sys.argv[1]), Path(sys.argv[2])
-sys.path.insert(0, str(root / "scripts"))
-from micro_sam_env import setup_imports  # torchvision stand-ins (tests/_shims) when it cannot import
-setup_imports()
-import numpy as np
-import torch
-from micro_sam import util
-from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
-
-from usam_bioimageio.embeddings.types import Tiling
-
-
-class StandIn(torch.nn.Module):  # a cheap image encoder: 16 x 16 average pooling of SAM's input
-    img_size = 1024
-
-    def forward(self, x):
-        p = torch.nn.functional.avg_pool2d(x, 16)
-        return p.repeat(1, 86, 1, 1)[:, :256] * (torch.arange(1, 257, dtype=x.dtype).view(1, 256, 1, 1) / 256)
-
-
-predictor = SamPredictor(Sam(image_encoder=StandIn(), prompt_encoder=torch.nn.Identity(),
-                             mask_decoder=torch.nn.Identity()))
-predictor.model_type, predictor.model_name, predictor._hash = "vit_t", "vit_t", "stand-in"
-
-
-def embed(image):  # micro-sam's own per-tile path: _to_image, then SAM's transform and the encoder
-    return util._compute_embeddings_batched(predictor, [util._to_image(image)])[0][0:1].numpy()
-
-
-rng = np.random.default_rng(0)
-image = rng.integers(0, 4000, (300, 500)).astype(np.uint16)
-volume = rng.integers(0, 255, (3, 90, 70)).astype(np.uint8)
-mask = np.zeros(image.shape, bool)
-mask[:100, :150] = True
-cases = {"2d": (image, None, None, None), "2d_tiled": (image, (128, 200), (16, 32), None),
-         "2d_tiled_mask": (image, (128, 200), (16, 32), mask), "3d": (volume, None, None, None),
-         "3d_tiled": (volume, (64, 64), (8, 8), None)}
-expected = {}
-with torch.no_grad():
-    for name, (data, tile_shape, halo, m) in cases.items():
-        # micro-sam 1.8.14 splits the tiles in a mask into ceil(n_tiles / batch_size) batches: with batch_size 1
-        # and a tile outside the mask a batch is empty and torch.cat fails, so one batch for the masked case
-        util.precompute_image_embeddings(predictor, data, save_path=str(out / f"{name}.zarr"), tile_shape=tile_shape,
-                                         halo=halo, verbose=False, mask=m, batch_size=1 if m is None else 64)
-        for z, plane in enumerate([data] if name.startswith("2d") else list(data)):
-            if tile_shape is None:
-                expected[f"{name}/{z}/0"] = embed(plane)
-            else:
-                tiling = Tiling.create(plane.shape, tile_shape, halo)
-                for t in range(len(tiling)):
-                    expected[f"{name}/{z}/{t}"] = embed(plane[tiling.tile(t).outer_slices])
-np.savez(out / "expected.npz", **expected)
-"""
 
 
 @pytest.fixture(scope="module")
 def micro_sam_caches(tmp_path_factory):
-    if not MICRO_SAM_PYTHON.is_file():
-        pytest.skip(f"no micro-sam environment at {MICRO_SAM_PYTHON} (scripts/regenerate_ais_reference.sh makes one)")
-    out = tmp_path_factory.mktemp("micro-sam-caches")
-    proc = subprocess.run([str(MICRO_SAM_PYTHON), "-c", MICRO_SAM_CHILD, str(ROOT), str(out)],
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        pytest.fail(f"micro-sam failed:\n{proc.stderr[-3000:]}")
+    """micro-sam's caches, committed (scripts/micro_sam_cache_fixture.py regenerates them with micro-sam 1.8.14),
+    copied so that no test can change them."""
+    out = tmp_path_factory.mktemp("micro-sam") / "caches"
+    shutil.copytree(ROOT / "tests" / "data" / "micro_sam_caches", out)
     return out
 
 
@@ -606,8 +547,9 @@ def test_reads_micro_sam_caches(micro_sam_caches):
     seen = 0
     for name in ("2d", "2d_tiled", "2d_tiled_mask", "3d", "3d_tiled"):
         emb = load_micro_sam_embeddings(micro_sam_caches / f"{name}.zarr")
-        assert emb is not None and load_cache(micro_sam_caches / f"{name}.zarr") is not None
-        planes = [emb] if name.startswith("2d") else [emb[z] for z in range(len(emb))]
+        assert isinstance(load_cache(micro_sam_caches / f"{name}.zarr"), StackEmbeddings)
+        assert emb.is_stack == name.startswith("3d")
+        planes = [emb[z] for z in range(len(emb))]
         assert len(planes) == (1 if name.startswith("2d") else 3)
         for z, plane in enumerate(planes):
             assert plane.encoder == ""
@@ -965,7 +907,7 @@ def test_cli_ais_and_amg(ais_model, vit_t_ais_family, vit_t_family, small, tmp_p
     image, path, cache = small[0], folder / "stardist.tif", tmp_path / "stardist.zarr"
     assert main(["embed", "--model", family, "--image", str(path), "--cache", str(cache), "--tile-shape", "256",
                  "128", "--halo", "0", "32", "--quiet"]) == 0
-    tiled = load_cache(cache, model=ais_model)
+    tiled = load_cache(cache, model=ais_model)[0]
     assert len(tiled) == 2
     assert main(["ais", "--model", family, "--image", str(path), "--out", str(tmp_path / "tiled.tif"),
                  "--tile-shape", "256", "128", "--halo", "0", "32", "--quiet"]) == 0
@@ -987,3 +929,17 @@ def test_cli_ais_and_amg(ais_model, vit_t_ais_family, vit_t_family, small, tmp_p
     assert main(["amg", "--model", family, "--image", str(path), "--embeddings", str(cache),
                  "--out", str(tmp_path / "y.tif"), "--tile-shape", "512", "512", "--quiet"]) == 2
     assert "read from the embedding cache" in capsys.readouterr().err
+
+
+def test_plain_prompting_refuses_tiled_embeddings(fake_model):
+    """segment_from_prompts / segment_objects take one image's Embeddings; tiled ones get a clear error naming
+    the tiled entry point, never a Python object handed to ONNX Runtime."""
+    from usam_bioimageio.io.prompt_files import ObjectPrompt
+    from usam_bioimageio.prompting.predict import segment_objects
+
+    image = np.random.default_rng(2).integers(0, 255, (120, 150)).astype(np.uint8)
+    tiled = compute_tiled_embeddings(fake_model, image, tile_shape=100, halo=10, progress=False)
+    with pytest.raises(TypeError, match="segment_from_prompts_tiled"):
+        segment_from_prompts(fake_model, tiled, boxes=[10, 10, 40, 40])
+    with pytest.raises(TypeError, match="segment_from_prompts_tiled"):
+        segment_objects(fake_model, tiled, [ObjectPrompt(box=np.array([10, 10, 40, 40]))])

@@ -97,7 +97,7 @@ def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namesp
     emb = cached_embeddings(model, image, cache, tile_shape=tile_shape, halo=halo, stack=stack,
                             progress=not args.quiet)
     what = f"a stack of {len(emb)} slices" if stack else f"an image of shape {image.shape[:2]}"
-    tiles = f", {len(emb.tiling)} tiles per image" if getattr(emb, "tiling", None) is not None else ""
+    tiles = f", {len(emb.tiling)} tiles per image" if emb.tiling is not None else ""
     return f"{name}: {what}{tiles} -> {cache}"
 
 
@@ -153,10 +153,10 @@ def _load_embeddings_for(path: Path, image: np.ndarray, model):
         if signature["data_sha256"] != data_sha256(image):
             raise ValueError(f"the embedding cache {path} was computed for another image than {image.shape} "
                              f"{image.dtype} read from the --image file")
-    emb = load_cache(path, model=model)
-    if not hasattr(emb, "original_shape"):
+    stack = load_cache(path, model=model)
+    if stack.is_stack:
         raise ValueError(f"{path} holds embeddings of a stack; `usam segment` segments one 2D image")
-    return emb
+    return stack[0]
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

@@ -27,11 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 
-from usam_bioimageio.embeddings.types import Embeddings, StackEmbeddings, TiledEmbeddings, TileFeatures, Tiling
+from usam_bioimageio.embeddings.types import StackEmbeddings, Tiling
 from usam_bioimageio.errors import CacheMismatchError
 from usam_bioimageio.runtime.model import SamModel
 
@@ -55,8 +55,6 @@ _DESCRIPTIONS = {
     "usam_bioimageio": "usam-bioimageio version",
 }
 _HASH_BLOCK_BYTES = 64 << 20
-
-AnyEmbeddings = Union[Embeddings, TiledEmbeddings, StackEmbeddings]
 
 
 def _zarr():
@@ -240,7 +238,7 @@ class EmbeddingCache:
                              "run the computation again with this cache to finish it")
         return np.asarray(self._group["features"][z, t])
 
-    def value(self) -> AnyEmbeddings:
+    def value(self) -> StackEmbeddings:
         """The cached embeddings (read on access); ValueError if items are missing."""
         missing = self.missing()
         if missing:
@@ -249,12 +247,8 @@ class EmbeddingCache:
                 f"(first: slice {missing[0][0]}, tile {missing[0][1]}); run the same computation "
                 "(e.g. `usam embed ... --cache`) again to resume it")
         sig = self.meta["signature"]
-        shape = tuple(self.meta["image_shape"])
-        if sig["kind"] == "stack":
-            return StackEmbeddings(self.meta["n_slices"], shape, self.tiling, sig["encoder"], self.get)
-        if self.tiling is None:
-            return Embeddings(features=self.get(0, 0), original_shape=shape, encoder=sig["encoder"])
-        return TiledEmbeddings(self.tiling, TileFeatures(len(self.tiling), lambda t: self.get(0, t)), sig["encoder"])
+        return StackEmbeddings(self.meta["n_slices"], tuple(self.meta["image_shape"]), self.tiling, sig["encoder"],
+                               self.get, is_stack=sig["kind"] == "stack")
 
 
 def is_micro_sam_cache(path) -> bool:
@@ -265,14 +259,15 @@ def is_micro_sam_cache(path) -> bool:
     return ATTR not in group.attrs and "features" in group
 
 
-def load_cache(path, *, model: Optional[SamModel] = None) -> AnyEmbeddings:
-    """Embeddings from a finished cache: ours, or micro-sam's (see :func:`load_micro_sam_embeddings`)."""
+def load_cache(path, *, model: Optional[SamModel] = None) -> StackEmbeddings:
+    """Embeddings from a finished cache: ours, or micro-sam's (see :func:`load_micro_sam_embeddings`); always a
+    :class:`StackEmbeddings` (a 2D image's: one slice, ``is_stack`` False, ``[0]`` its embeddings)."""
     if is_micro_sam_cache(path):
         return load_micro_sam_embeddings(path, model=model)
     return EmbeddingCache.read(path).value()
 
 
-def load_micro_sam_embeddings(path, *, model: Optional[SamModel] = None) -> AnyEmbeddings:
+def load_micro_sam_embeddings(path, *, model: Optional[SamModel] = None) -> StackEmbeddings:
     """Read a cache written by micro-sam's ``precompute_image_embeddings(save_path=path)`` (1.8.x layout).
 
     Its layouts: 2D untiled: dataset ``features`` (1, 256, 64, 64), attrs ``original_size`` /
@@ -305,7 +300,8 @@ def load_micro_sam_embeddings(path, *, model: Optional[SamModel] = None) -> AnyE
     if attrs.get("tile_shape") is None:
         original = tuple(int(s) for s in attrs["original_size"])
         if features.ndim == 4:
-            return Embeddings(features=np.asarray(features[...], dtype=np.float32), original_shape=original, encoder="")
+            return StackEmbeddings(1, original, None, "", lambda z, t: np.asarray(features[...], dtype=np.float32),
+                                   is_stack=False)
         if features.ndim == 5:
             return StackEmbeddings(int(features.shape[0]), original, None, "",
                                    lambda z, t: np.asarray(features[z], dtype=np.float32))
@@ -330,6 +326,6 @@ def load_micro_sam_embeddings(path, *, model: Optional[SamModel] = None) -> AnyE
         return np.asarray(array[...] if z is None else array[z], dtype=np.float32)
 
     if ndim == 4:
-        return TiledEmbeddings(tiling, TileFeatures(len(tiling), lambda t: get(None, t)), "")
+        return StackEmbeddings(1, tiling.shape, tiling, "", lambda z, t: get(None, t), is_stack=False)
     n_slices = int(features[str(present[0])].shape[0])
     return StackEmbeddings(n_slices, tiling.shape, tiling, "", get)

@@ -9,7 +9,7 @@ from typing import List, Optional, Union
 
 import numpy as np
 
-from usam_bioimageio.embeddings.cache import AnyEmbeddings, EmbeddingCache, make_signature
+from usam_bioimageio.embeddings.cache import EmbeddingCache, make_signature
 from usam_bioimageio.embeddings.types import (
     Embeddings,
     PairLike,
@@ -63,7 +63,7 @@ def compute_tiled_embeddings(model: SamModel, image, *, tile_shape: PairLike, ha
     tiling = Tiling.create(image.shape[:2], tile_shape, halo)
     if cache is not None:
         return cached_embeddings(model, image, cache, tile_shape=tiling.tile_shape, halo=tiling.halo,
-                                 progress=progress)
+                                 progress=progress)[0]
     features = []
     with progress_bar(len(tiling), 0, "embeddings (tiles)", progress) as bar:
         for t in range(len(tiling)):
@@ -99,12 +99,13 @@ def compute_stack_embeddings(model: SamModel, volume, *, tile_shape: Optional[Pa
 
 
 def cached_embeddings(model: SamModel, data, cache: Union[str, os.PathLike], *, tile_shape=None, halo=None,
-                      stack: bool = False, progress: bool = True) -> AnyEmbeddings:
+                      stack: bool = False, progress: bool = True) -> StackEmbeddings:
     """Embeddings of ``data`` through the cache at ``cache``: reuse complete items, compute the missing ones.
 
     data: a 2D image (H, W[, C]) or, with ``stack=True``, a stack (z, y, x[, c]). tile_shape / halo: tile
-    each image (both or neither). Returns ``Embeddings`` (2D untiled), ``TiledEmbeddings`` or
-    ``StackEmbeddings``, reading from the cache on access. Raises CacheMismatchError (a ValueError) when
+    each image (both or neither). Returns ``StackEmbeddings`` reading from the cache on access (one type for
+    every cache: a 2D image's is one slice with ``is_stack`` False, and ``[0]`` its ``Embeddings`` or
+    ``TiledEmbeddings``). Raises CacheMismatchError (a ValueError) when
     the cache holds embeddings of other data, another encoder or other settings.
     """
     if stack:

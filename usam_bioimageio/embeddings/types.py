@@ -188,6 +188,8 @@ class StackEmbeddings:
 
     ``stack[z]`` is slice z's ``Embeddings`` (``tiling`` None) or ``TiledEmbeddings``; slices are read on
     access when the stack comes from a cache. ``get(z, t)`` gives the features of slice z (tile t).
+    Caches always read as this one type: a 2D image's cache is a stack of one slice with ``is_stack``
+    False, whose ``stack[0]`` is the image's (plain or tiled) embeddings.
     """
 
     n_slices: int
@@ -195,6 +197,7 @@ class StackEmbeddings:
     tiling: Optional[Tiling]
     encoder: str
     get: Callable[[int, int], np.ndarray]
+    is_stack: bool = True
 
     def __len__(self) -> int:
         return self.n_slices

@@ -30,6 +30,15 @@ class PromptResult:
     low_res_logits: np.ndarray
 
 
+def _check_plain(embeddings) -> None:
+    """The embeddings of one 2D image, not tiled ones or a stack (each has its own entry point)."""
+    if not isinstance(embeddings, Embeddings):
+        raise TypeError(
+            f"segment_from_prompts takes the Embeddings of one 2D image, got {type(embeddings).__name__}: for tiled "
+            "embeddings use usam_bioimageio.prompting.tiled.segment_from_prompts_tiled, for a stack one slice "
+            "(stack[z])")
+
+
 def segment_from_prompts(
     model: SamModel,
     embeddings: Embeddings,
@@ -45,6 +54,7 @@ def segment_from_prompts(
     points (o, p, 2) / point_labels (o, p), boxes (o, 4) as (x0, y0, x1, y1), mask_inputs (o, 256, 256);
     a single object's prompts may omit the object axis. Every object gets the same kinds of prompts.
     """
+    _check_plain(embeddings)
     decoder = model.runner("prompt_decoder")
     check_encoder(decoder.package, embeddings.encoder, "these embeddings come from")
     inputs = build_decoder_inputs(
@@ -63,6 +73,7 @@ def segment_objects(model: SamModel, embeddings: Embeddings, objects: list) -> n
     Objects with the same prompt structure are decoded together; padding them to a common structure
     would change SAM's result, so differently structured objects go to separate calls.
     """
+    _check_plain(embeddings)
     if not objects:
         raise ValueError("no objects to segment")
     masks = [None] * len(objects)

@@ -26,6 +26,8 @@ __all__ = [
     "transform_boxes",
     "transform_coords",
     "upscale_masks",
+    "upscale_masks_binary",
+    "upscale_support",
 ]
 
 
@@ -168,11 +170,13 @@ def upscale_masks(low_res_logits: np.ndarray, original_shape: Sequence[int]) -> 
 
 
 @lru_cache(maxsize=32)
-def _support(matrix_key: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+def upscale_support(original_size: int, resized_size: int) -> Tuple[np.ndarray, np.ndarray]:
     """First and last low-res index with a non-zero weight, per output index of ``mask_upscale_matrix``."""
-    nonzero = mask_upscale_matrix(*matrix_key) != 0
+    nonzero = mask_upscale_matrix(original_size, resized_size) != 0
     first = nonzero.argmax(axis=1)
     last = nonzero.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
+    first.setflags(write=False)  # cached: shared by every caller
+    last.setflags(write=False)
     return first, last
 
 
@@ -191,7 +195,7 @@ def upscale_masks_binary(low_res_logits: np.ndarray, original_shape: Sequence[in
     h, w = _original_hw(original_shape)
     new_h, new_w = longest_side_shape(h, w)
     rows, cols = mask_upscale_matrix(h, new_h), mask_upscale_matrix(w, new_w)
-    (rlo, rhi), (clo, chi) = _support((h, new_h)), _support((w, new_w))
+    (rlo, rhi), (clo, chi) = upscale_support(h, new_h), upscale_support(w, new_w)
     flat = low.reshape((-1,) + low.shape[-2:])
     out = np.zeros((len(flat), h, w), dtype=bool)
     for i, logits in enumerate(flat):

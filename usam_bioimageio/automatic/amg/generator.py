@@ -69,7 +69,7 @@ from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.embeddings.compute import compute_embeddings
 from usam_bioimageio.runtime.model import SamModel
 from usam_bioimageio.runtime.packages import check_encoder
-from usam_bioimageio.runtime.geometry import longest_side_shape, mask_upscale_matrix, to_rgb
+from usam_bioimageio.runtime.geometry import longest_side_shape, mask_upscale_matrix, to_rgb, upscale_support
 from usam_bioimageio.prompting.inputs import build_decoder_inputs
 from usam_bioimageio.embeddings.types import TiledEmbeddings
 from usam_bioimageio.progress import progress_bar
@@ -290,9 +290,7 @@ def _upscale_plan(shape: Tuple[int, int]) -> _UpscalePlan:
     h, w = shape
     new_h, new_w = longest_side_shape(h, w)
     rows = mask_upscale_matrix(h, new_h)
-    nonzero = rows != 0
-    first = nonzero.argmax(axis=1)
-    last = rows.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
+    first, last = upscale_support(h, new_h)
     groups = []
     for r0 in range(0, h, ROW_GROUP):
         r1 = min(r0 + ROW_GROUP, h)
