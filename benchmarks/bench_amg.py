@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     import torch
 
     from reference import usam_to_image
-    from usam_bioimageio.automatic.amg.generator import AmgParameters, generate_masks
+    from usam_bioimageio.automatic.amg.params import AmgParameters
+    from usam_bioimageio.automatic.amg.generator import generate_masks
     from usam_bioimageio.embeddings.compute import compute_embeddings
     from usam_bioimageio.runtime.model import SamModel
 

@@ -22,13 +22,9 @@ from scipy import ndimage
 from conftest import DATA, DSB, dsb_test_ids
 from reference import build_reference_sam, mobile_sam, usam_to_image
 from usam_bioimageio.automatic.amg import generator as amg
-from usam_bioimageio.automatic.amg.generator import (
-    AMG_PRESETS,
-    AmgParameters,
-    automatic_mask_generation,
-    generate_masks,
-    masks_to_label_image,
-)
+from usam_bioimageio.automatic.amg.params import AMG_PRESETS, AmgParameters
+from usam_bioimageio.automatic.amg.generator import automatic_mask_generation, generate_masks
+from usam_bioimageio.automatic.amg.labels import masks_to_label_image
 from usam_bioimageio.embeddings.compute import compute_embeddings
 from usam_bioimageio.runtime.model import SamModel
 from usam_bioimageio.runtime.geometry import to_rgb

@@ -8,8 +8,10 @@ import pytest
 from conftest import DSB, dsb_test_ids
 
 from usam_bioimageio.evaluation import automatic as ae
-from usam_bioimageio.automatic.amg.generator import AmgParameters, automatic_mask_generation
+from usam_bioimageio.automatic.amg.params import AmgParameters
+from usam_bioimageio.automatic.amg.generator import automatic_mask_generation
 from usam_bioimageio.embeddings.compute import compute_embeddings
+from usam_bioimageio.evaluation.baseline import otsu_watershed
 from usam_bioimageio.evaluation.metrics import mean_segmentation_accuracy
 from usam_bioimageio.runtime.model import SamModel
 
@@ -69,10 +71,10 @@ def test_evaluate_automatic_on_val_and_test_splits(ais_model, data_dir):
 
 
 def test_otsu_baseline_on_real_nuclei(data_dir):
-    scores = [mean_segmentation_accuracy(ae.otsu_watershed(image), gt)[0]
+    scores = [mean_segmentation_accuracy(otsu_watershed(image), gt)[0]
               for image, gt in (_dsb(k) for k in range(4))]
     assert np.mean(scores) > 0.2, scores  # a real baseline, not a stub
-    assert not ae.otsu_watershed(np.full((32, 32), 7, np.uint8)).any()
+    assert not otsu_watershed(np.full((32, 32), 7, np.uint8)).any()
 
 
 NO_TORCH = "import sys; sys.modules['torch'] = None; from usam_bioimageio.cli.main import main; sys.exit(main(sys.argv[1:]))"

@@ -623,12 +623,9 @@ def test_cli_embed_and_segment_with_caches(model, mosaic, stack, small, vit_t_fa
 
 # -- automatic segmentation on tiles (AIS, AMG) --------------------------------------------------------
 
-from usam_bioimageio.automatic.amg.generator import (  # noqa: E402
-    AmgParameters,
-    automatic_mask_generation,
-    generate_masks,
-    masks_to_label_image,
-)
+from usam_bioimageio.automatic.amg.params import AmgParameters
+from usam_bioimageio.automatic.amg.generator import automatic_mask_generation, generate_masks
+from usam_bioimageio.automatic.amg.labels import masks_to_label_image
 from usam_bioimageio.automatic.ais.postprocess import instances_from_maps  # noqa: E402
 from usam_bioimageio.automatic.ais.decoder import ais_maps, automatic_instance_segmentation  # noqa: E402
 from usam_bioimageio.training.targets import distance_targets  # noqa: E402

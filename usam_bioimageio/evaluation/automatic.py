@@ -88,7 +88,8 @@ class AmgCandidates:
 def amg_candidates(model, image: np.ndarray, grid: Mapping[str, Sequence[Any]], *, embeddings=None,
                    base=None) -> AmgCandidates:
     """Every mask the point grid gives with the grid's lowest thresholds, without NMS."""
-    from usam_bioimageio.automatic.amg.generator import AmgParameters, generate_masks
+    from usam_bioimageio.automatic.amg.params import AmgParameters
+    from usam_bioimageio.automatic.amg.generator import generate_masks
 
     base = base if base is not None else AmgParameters()
     if base.crop_n_layers or base.min_mask_region_area:
@@ -101,7 +102,8 @@ def amg_candidates(model, image: np.ndarray, grid: Mapping[str, Sequence[Any]], 
 
 def amg_segment(candidates: AmgCandidates, combo: Mapping[str, Any]) -> np.ndarray:
     """The label image ``automatic_mask_generation`` gives with the combination's thresholds."""
-    from usam_bioimageio.automatic.amg.generator import masks_to_label_image, nms
+    from usam_bioimageio.automatic.amg.labels import masks_to_label_image
+    from usam_bioimageio.automatic.amg.geometry import nms
 
     iou_t = np.float32(combo.get("pred_iou_thresh", 0.0))
     stab_t = np.float32(combo.get("stability_score_thresh", 0.0))
@@ -116,33 +118,6 @@ def amg_segment(candidates: AmgCandidates, combo: Mapping[str, Any]) -> np.ndarr
 
 
 # -- classical baseline --------------------------------------------------------------------------------------------
-
-def otsu_watershed(image: np.ndarray, *, min_distance: int = 4, min_size: int = 15) -> np.ndarray:
-    """A baseline that needs no training (scikit-image): Otsu threshold of the gray image (objects are the
-    minority phase, so dark nuclei on bright stains work too), holes filled, small objects removed, then a
-    watershed of the inverted distance transform from its local maxima (at least ``min_distance`` apart)."""
-    from scipy import ndimage
-    from skimage.feature import peak_local_max
-    from skimage.filters import threshold_otsu
-    from skimage.measure import label
-    from skimage.morphology import remove_small_objects
-    from skimage.segmentation import watershed
-
-    x = np.asarray(image, dtype=np.float32)
-    gray = x if x.ndim == 2 else x[..., :3].mean(axis=-1)
-    if gray.max() == gray.min():
-        return np.zeros(gray.shape, np.uint32)
-    fg = gray > threshold_otsu(gray)
-    if fg.mean() > 0.5:
-        fg = ~fg
-    fg = remove_small_objects(ndimage.binary_fill_holes(fg), min_size)
-    dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(fg), 1.0)
-    components = label(fg)
-    peaks = peak_local_max(dist, min_distance=min_distance, labels=components, exclude_border=False)
-    markers = np.zeros(gray.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-dist, markers, mask=fg)
-    return remove_small_objects(labels, min_size).astype(np.uint32)
 
 
 def evaluate_automatic(

@@ -47,7 +47,7 @@ class InteractiveRound:
 
 
 def _label_image(masks: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    from usam_bioimageio.automatic.amg.generator import masks_to_label_image
+    from usam_bioimageio.automatic.amg.labels import masks_to_label_image
 
     records = [{"segmentation": m, "area": int(np.count_nonzero(m))} for m in masks]
     return masks_to_label_image(records, shape, with_background=False)

@@ -53,7 +53,8 @@ def run_evaluation(model, val_pairs: Sequence[Pair], test_pairs: Sequence[Pair],
     """The numbers of the report (JSON-serialisable)."""
     from tqdm import tqdm
 
-    from usam_bioimageio.evaluation.automatic import evaluate_automatic, mean_scores, otsu_watershed
+    from usam_bioimageio.evaluation.automatic import evaluate_automatic, mean_scores
+    from usam_bioimageio.evaluation.baseline import otsu_watershed
     from usam_bioimageio.evaluation.interactive import evaluate_interactive
 
     unknown = set(modes) - set(MODES)

@@ -55,11 +55,9 @@ Deviations:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import product
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -73,196 +71,18 @@ from usam_bioimageio.runtime.geometry import longest_side_shape, mask_upscale_ma
 from usam_bioimageio.prompting.inputs import build_decoder_inputs
 from usam_bioimageio.embeddings.types import TiledEmbeddings
 from usam_bioimageio.progress import progress_bar
+from usam_bioimageio.automatic.amg.geometry import boxes_of, build_point_grid, generate_crop_boxes, near_crop_edge, nms
+from usam_bioimageio.automatic.amg.labels import check_min_object_size, paint_label_image
+from usam_bioimageio.automatic.amg.params import AmgParameters
 
-__all__ = [
-    "AMG_PRESETS",
-    "AmgParameters",
-    "automatic_mask_generation",
-    "generate_masks",
-    "masks_to_label_image",
-]
+__all__ = ["automatic_mask_generation", "generate_masks"]
 
-EDGE_TOLERANCE = 20.0  # is_box_near_crop_edge(atol=20)
-LABEL_BLOCK = 512  # micro_sam.util.mask_data_to_segmentation: elf.parallel blocks of 512 x 512
 # Points per prompt-decoder call. Each prompt's result does not depend on the others in its call (checked:
 # bit-identical ONNX outputs for 1, 4, 16 and 64 points per call), so this sets speed and memory only, not
 # the result. Measured on 2 CPU cores (vit_t, 64 grid points): 16 or 64 points per call take the same time,
 # 2 points per call 10-20 % longer; the process peaked at 1.2 GB RSS with 16 and 3.9 GB with 64 (SAM's
 # points_per_batch default), the decoder's (points, 4096, 256) float32 image tokens dominating.
 DECODE_CHUNK = 16
-
-
-@dataclass(frozen=True)
-class AmgParameters:
-    """Parameters of SAM's automatic mask generator; the defaults are segment_anything's (and µSAM's).
-
-    points_per_side: grid points per side of the image (crop layer 0).
-    points_per_batch: points decoded per decoder call (memory only; does not change the result).
-    pred_iou_thresh: keep masks whose predicted IoU is above this (0 = no filter).
-    stability_score_thresh: keep masks whose stability score is at least this (0 = no filter).
-    stability_score_offset: logit offset of the stability score (thresholds 0 +- offset).
-    box_nms_thresh: box IoU above which NMS drops the lower-scored mask, within a crop.
-    crop_n_layers: extra crop layers; layer i has (2**i)**2 crops whose embeddings are computed separately.
-    crop_nms_thresh: box IoU for the NMS between crops (smaller crops win).
-    crop_overlap_ratio: overlap of the crops of layer 1, as a fraction of the image's shorter side.
-    crop_n_points_downscale_factor: layer i uses ``int(points_per_side / factor**i)`` points per side.
-    min_mask_region_area: remove holes and islands smaller than this (pixels) from each mask; 0 = off.
-    """
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
-
-    def __post_init__(self) -> None:
-        def integer(name: str, minimum: int) -> int:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ValueError(f"AmgParameters.{name} must be an integer >= {minimum}, got {value!r}")
-            return int(value)
-
-        def number(name: str, low: float, high: float, *, high_open: bool = False) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise TypeError(f"AmgParameters.{name} must be a number, got {value!r}")
-            value = float(value)
-            if not math.isfinite(value) or value < low or value > high or (high_open and value == high):
-                bracket = ")" if high_open else "]"
-                raise ValueError(f"AmgParameters.{name} must be in [{low}, {high}{bracket}, got {value!r}")
-            return value
-
-        per_side = integer("points_per_side", 1)
-        integer("points_per_batch", 1)
-        layers = integer("crop_n_layers", 0)
-        factor = integer("crop_n_points_downscale_factor", 1)
-        integer("min_mask_region_area", 0)
-        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
-            number(name, 0.0, 1.0)
-        number("stability_score_offset", 0.0, math.inf)
-        number("crop_overlap_ratio", 0.0, 1.0, high_open=True)
-        if int(per_side / factor**layers) < 1:
-            raise ValueError(
-                f"crop layer {layers} would get int({per_side} / {factor}**{layers}) = 0 points per side: "
-                "lower crop_n_layers or crop_n_points_downscale_factor"
-            )
-
-
-def _preset(pred_iou: float, stability: float) -> AmgParameters:
-    return AmgParameters(pred_iou_thresh=pred_iou, stability_score_thresh=stability)
-
-
-#: µSAM's per-model AMG thresholds for its finetuned models (``micro_sam._model_settings.AMG_SETTINGS`` in
-#: 1.8.14), keyed by µSAM model name; everything else keeps the defaults. µSAM's annotator applies these two
-#: thresholds; the ``min_object_size`` of 100 listed there as well is not applied to AMG results in 1.8.14
-#: (``_instance_segmentation_impl`` ignores it), see ``masks_to_label_image(min_object_size=...)`` for it.
-AMG_PRESETS: Dict[str, AmgParameters] = {
-    "vit_t_lm": _preset(0.6, 0.65),
-    "vit_b_lm": _preset(0.65, 0.7),
-    "vit_l_lm": _preset(0.65, 0.73),
-    "vit_h_lm": _preset(0.65, 0.7),
-    "vit_t_em_organelles": _preset(0.75, 0.75),
-    "vit_b_em_organelles": _preset(0.75, 0.75),
-    "vit_l_em_organelles": _preset(0.8, 0.8),
-    "vit_h_em_organelles": _preset(0.8, 0.8),
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# SAM's geometry (segment_anything.utils.amg)
-# --------------------------------------------------------------------------------------------------
-
-def build_point_grid(n_per_side: int) -> np.ndarray:
-    """``build_point_grid``: (n * n, 2) points (x, y) in [0, 1], x varying fastest."""
-    offset = 1 / (2 * n_per_side)
-    one_side = np.linspace(offset, 1 - offset, n_per_side)
-    xs = np.tile(one_side[None, :], (n_per_side, 1))
-    ys = np.tile(one_side[:, None], (1, n_per_side))
-    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
-
-
-def generate_crop_boxes(shape: Tuple[int, int], n_layers: int,
-                        overlap_ratio: float) -> Tuple[List[List[int]], List[int]]:
-    """``generate_crop_boxes``: crop boxes [x0, y0, x1, y1] (exclusive ends) and their layer indices."""
-    im_h, im_w = shape
-    short_side = min(im_h, im_w)
-    boxes, layers = [[0, 0, im_w, im_h]], [0]
-
-    def crop_len(orig_len: int, n_crops: int, overlap: int) -> int:
-        return int(math.ceil((overlap * (n_crops - 1) + orig_len) / n_crops))
-
-    for i_layer in range(n_layers):
-        n_crops_per_side = 2 ** (i_layer + 1)
-        overlap = int(overlap_ratio * short_side * (2 / n_crops_per_side))
-        crop_w = crop_len(im_w, n_crops_per_side, overlap)
-        crop_h = crop_len(im_h, n_crops_per_side, overlap)
-        x0s = [int((crop_w - overlap) * i) for i in range(n_crops_per_side)]
-        y0s = [int((crop_h - overlap) * i) for i in range(n_crops_per_side)]
-        for x0, y0 in product(x0s, y0s):
-            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
-            layers.append(i_layer + 1)
-    return boxes, layers
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """torchvision's CPU ``nms`` (also ``batched_nms`` with one category): indices kept, by descending score.
-
-    Boxes (n, 4) as float32 [x0, y0, x1, y1]; areas ``(x1 - x0) * (y1 - y0)`` and IoUs in float32, a box is
-    suppressed when its IoU with a kept, higher-scored box is ``> iou_threshold`` (compared in double, as
-    the C++ kernel does); ties in the scores keep their input order (stable sort).
-    """
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
-    if len(boxes) == 0:
-        return np.zeros(0, dtype=np.int64)
-    order = np.argsort(-scores, kind="stable")
-    x0, y0, x1, y1 = (np.ascontiguousarray(boxes[order, k]) for k in range(4))
-    areas = (x1 - x0) * (y1 - y0)
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
-    zero = np.float32(0.0)
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(order[i])
-        rest = slice(i + 1, None)
-        w = np.maximum(zero, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]))
-        h = np.maximum(zero, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]))
-        inter = w * h
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = inter / (areas[i] + areas[rest] - inter)
-        suppressed[rest] |= iou.astype(np.float64) > float(iou_threshold)
-    return np.asarray(keep, dtype=np.int64)
-
-
-def _boxes_of(masks: np.ndarray) -> np.ndarray:
-    """``batched_mask_to_box`` of (k, h, w) bool masks: (k, 4) int64 [x0, y0, x1, y1], inclusive maxima,
-    [0, 0, 0, 0] for an empty mask."""
-    k, h, w = masks.shape
-    rows = masks.any(axis=2)
-    cols = masks.any(axis=1)
-    boxes = np.stack([
-        cols.argmax(axis=1), rows.argmax(axis=1),
-        w - 1 - cols[:, ::-1].argmax(axis=1), h - 1 - rows[:, ::-1].argmax(axis=1),
-    ], axis=1).astype(np.int64)
-    boxes[~rows.any(axis=1)] = 0
-    return boxes
-
-
-def _near_crop_edge(boxes: np.ndarray, crop_box: Sequence[int], image_box: Sequence[int]) -> np.ndarray:
-    """``is_box_near_crop_edge`` for boxes already in image coordinates."""
-    b = boxes.astype(np.float32)
-    crop = np.asarray(crop_box, dtype=np.float32)[None]
-    image = np.asarray(image_box, dtype=np.float32)[None]
-    near_crop = np.abs(b - crop) <= EDGE_TOLERANCE
-    near_image = np.abs(b - image) <= EDGE_TOLERANCE
-    return np.any(near_crop & ~near_image, axis=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,7 +229,7 @@ def _decode_batch(model: SamModel, embeddings: Embeddings, points: np.ndarray, p
         if not ok.any():
             continue
         masks = masks[ok]
-        b = _boxes_of(masks)
+        b = boxes_of(masks)
         kept.append(index[ok])
         stability.append(score[ok])
         boxes.append(b)
@@ -441,7 +261,7 @@ def _process_crop(model: SamModel, embeddings: Embeddings, crop_box: Sequence[in
         if len(crops) == 0:
             continue
         boxes = boxes + offset
-        near = _near_crop_edge(boxes, crop_box, image_box)
+        near = near_crop_edge(boxes, crop_box, image_box)
         if near.any():
             keep = np.flatnonzero(~near)
             source, iou, stability, boxes = source[keep], iou[keep], stability[keep], boxes[keep]
@@ -533,7 +353,7 @@ def _remove_small_regions(masks: _Masks, i: int, shape: Tuple[int, int],
     changed = changed_holes or changed_islands
     if not changed:
         return masks.boxes[i], crop, False
-    box = _boxes_of(new[None])[0]
+    box = boxes_of(new[None])[0]
     bx0, by0, bx1, by1 = (int(v) for v in box)
     new_crop = new[by0:by1 + 1, bx0:bx1 + 1].copy()
     box = box + np.array([full_box[0], full_box[1]] * 2, dtype=np.int64) if new.any() else np.zeros(4, np.int64)
@@ -672,151 +492,6 @@ def _mask_set(model: SamModel, image: Optional[np.ndarray], embeddings, shape: T
     return masks
 
 
-# --------------------------------------------------------------------------------------------------
-# Label image (micro_sam.util.mask_data_to_segmentation, as µSAM's AMG calls it)
-# --------------------------------------------------------------------------------------------------
-
-def _label_components(segmentation: np.ndarray) -> np.ndarray:
-    """``elf.parallel.label(segmentation, block_shape=(512, 512))`` (python-elf 0.9.2, bioimage-cpp 0.9.0):
-    4-connected components of equal labels (0 = background), with elf's numbering, step by step:
-
-    1. each 512 x 512 block (C order) is labelled on its own (``bioimage_cpp.segmentation.label``, which
-       numbers components 1..n in raster order of their first pixel, as ``skimage.measure.label``), ids
-       offset by the number of components of the blocks before it;
-    2. for each block in order and each axis (rows, then columns), the pairs (id here, id in the lower
-       neighbour) of equal labels across the shared face, ``np.unique``-sorted, are merged in sequence by
-       ``bioimage_cpp.utils.UnionFind`` (union by rank, ties keep the first id's root);
-    3. the roots are renumbered consecutively in increasing order (``relabel_sequential``).
-    """
-    from skimage.measure import label as sk_label
-
-    h, w = segmentation.shape
-    n_by, n_bx = -(-h // LABEL_BLOCK), -(-w // LABEL_BLOCK)
-    ids = np.zeros((h, w), dtype=np.int64)
-    total = 0
-    blocks = []
-    for by in range(n_by):
-        for bx in range(n_bx):
-            sl = (slice(by * LABEL_BLOCK, min((by + 1) * LABEL_BLOCK, h)),
-                  slice(bx * LABEL_BLOCK, min((bx + 1) * LABEL_BLOCK, w)))
-            local = sk_label(segmentation[sl], background=0, connectivity=1).astype(np.int64)
-            ids[sl] = np.where(local > 0, local + total, 0)
-            total += int(local.max())
-            blocks.append((by, bx, sl))
-    if len(blocks) == 1 or total == 0:
-        return ids.astype(segmentation.dtype)
-
-    parent: Dict[int, int] = {}
-    rank: Dict[int, int] = {}
-
-    def find(x: int) -> int:
-        root = x
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(x, x) != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
-    for by, bx, (rows, cols) in blocks:
-        faces = []
-        if by > 0:
-            faces.append(((rows.start, cols), (rows.start - 1, cols)))
-        if bx > 0:
-            faces.append(((rows, cols.start), (rows, cols.start - 1)))
-        for face, neighbour in faces:
-            here, there = segmentation[face], segmentation[neighbour]
-            same = (here != 0) & (there != 0) & (here == there)
-            if not same.any():
-                continue
-            pairs = np.unique(np.stack([ids[face][same], ids[neighbour][same]], axis=1), axis=0)
-            for a, b in pairs.tolist():
-                ra, rb = find(a), find(b)
-                if ra == rb:
-                    continue
-                rank_a, rank_b = rank.get(ra, 0), rank.get(rb, 0)
-                if rank_a < rank_b:
-                    parent[ra] = rb
-                elif rank_a > rank_b:
-                    parent[rb] = ra
-                else:
-                    parent[rb] = ra
-                    rank[ra] = rank_a + 1
-    roots = np.arange(total + 1, dtype=np.int64)
-    for x in list(parent):
-        roots[x] = find(x)
-    kept = np.unique(roots)  # relabel_sequential: sorted roots -> 0, 1, 2, ... (0 stays 0)
-    lookup = np.searchsorted(kept, roots)
-    return lookup[ids].astype(segmentation.dtype)
-
-
-def masks_to_label_image(
-    masks: Sequence[Dict[str, Any]],
-    shape: Optional[Tuple[int, int]] = None,
-    *,
-    with_background: bool = True,
-    min_object_size: int = 0,
-) -> np.ndarray:
-    """AMG records -> an instance label image (uint32), as µSAM's AMG makes one.
-
-    ``micro_sam.util.mask_data_to_segmentation`` with the arguments of ``AutomaticMaskGenerator.generate``
-    (``output_mode="instance_segmentation"``: ``with_background=True``, ``merge_exclusively=False``,
-    ``label_masks=True``): the masks are painted in order of decreasing area (stable), each with the next
-    id, smaller masks overwriting larger ones (masks with an ``area`` below ``min_object_size`` are
-    skipped); the label image is split into 4-connected components of equal ids (numbered as µSAM's
-    blockwise ``elf.parallel.label`` numbers them, see :func:`_label_components`); components with fewer
-    than ``min_object_size`` pixels are removed and, with ``with_background``, so is the largest region,
-    background (0) included (so nothing when the background is largest); the remaining ids are renumbered
-    consecutively in order (when no pixel is 0, µSAM's renumbering maps the smallest id to 0 as well).
-    ``shape`` is needed when ``masks`` is empty.
-    """
-    _check_min_object_size(min_object_size)
-    masks = list(masks)
-    if shape is None:
-        if not masks:
-            raise ValueError("no masks: give the shape of the label image")
-        shape = np.asarray(masks[0]["segmentation"]).shape
-    shape = tuple(int(v) for v in shape)
-
-    def paint(i: int, segmentation: np.ndarray, seg_id: int) -> None:
-        mask = np.asarray(masks[i]["segmentation"], dtype=bool)
-        if mask.shape != shape:
-            raise ValueError(f"mask of shape {mask.shape} does not fit the label image of shape {shape}")
-        segmentation[mask] = seg_id
-
-    areas = np.asarray([m["area"] for m in masks], dtype=np.int64)
-    return _label_image(areas, paint, shape, with_background, min_object_size)
-
-
-def _check_min_object_size(min_object_size: int) -> None:
-    if isinstance(min_object_size, bool) or not isinstance(min_object_size, (int, np.integer)) or min_object_size < 0:
-        raise ValueError(f"min_object_size must be an integer >= 0, got {min_object_size!r}")
-
-
-def _label_image(areas: np.ndarray, paint: Callable[[int, np.ndarray, int], None], shape: Tuple[int, int],
-                 with_background: bool, min_object_size: int) -> np.ndarray:
-    """``masks_to_label_image`` on masks given by their areas and a function that paints mask i."""
-    segmentation = np.zeros(shape, dtype=np.uint32)
-    seg_id = 0
-    for i in np.argsort(-areas, kind="stable"):  # decreasing area, ties in order (Python's stable sort)
-        if areas[i] < min_object_size:  # skipped before painting, without using up an id
-            continue
-        seg_id += 1
-        paint(int(i), segmentation, seg_id)
-    segmentation = _label_components(segmentation)
-    ids, sizes = np.unique(segmentation, return_counts=True)
-    drop = ids[sizes < min_object_size]
-    if with_background:
-        drop = np.concatenate([drop, [ids[np.argmax(sizes)]]])
-    if len(drop):
-        segmentation[np.isin(segmentation, drop)] = 0
-    # elf.parallel.relabel_consecutive(start_label=0, keep_zeros=True): sorted ids -> 0, 1, 2, ...;
-    # 0 stays 0 (when there is no background at all, µSAM maps the smallest id to 0 as well)
-    ids = np.unique(segmentation)
-    lookup = np.zeros(int(ids[-1]) + 1, dtype=np.uint32)
-    lookup[ids] = np.arange(len(ids), dtype=np.uint32)
-    return lookup[segmentation]
-
-
 def automatic_mask_generation(
     model: SamModel,
     image: Optional[np.ndarray],
@@ -835,7 +510,7 @@ def automatic_mask_generation(
     ``TiledAutomaticMaskGenerator``. The masks are painted from their box crops: no full-size mask is made,
     so memory does not grow with the number of masks times the image size.
     """
-    _check_min_object_size(min_object_size)
+    check_min_object_size(min_object_size)
     shape = _checked_shape(model, image, embeddings, params)
     masks = _mask_set(model, None if image is None else np.asarray(image), embeddings, shape, params, progress)
 
@@ -845,4 +520,4 @@ def automatic_mask_generation(
         segmentation[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]][crop] = seg_id
 
     areas = np.asarray([np.count_nonzero(c) for c in masks.crops], dtype=np.int64)
-    return _label_image(areas, paint, shape, with_background, min_object_size)
+    return paint_label_image(areas, paint, shape, with_background, min_object_size)

@@ -1,0 +1,186 @@
+"""`usam ais` and `usam amg`: automatic segmentation of an image or a folder of images, and their options."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from usam_bioimageio.errors import UsageError
+from usam_bioimageio.cli.files import IMAGE_SUFFIXES, is_stack, load_embeddings_for, read_image, write_png, write_tiff
+
+
+def _image_jobs(args: argparse.Namespace) -> list:
+    """(image path, output TIFF, overlay PNG or None, embeddings path or None) for one image or a folder."""
+    source = Path(args.image)
+    if not source.is_dir():
+        return [(source, Path(args.out), Path(args.overlay) if args.overlay else None,
+                 Path(args.embeddings) if args.embeddings else None)]
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+    out = Path(args.out)
+    if out.suffix.lower() in (".tif", ".tiff"):
+        raise UsageError(f"--image is a folder: --out must be a folder for the label images, not {out}")
+    jobs = []
+    for path in files:
+        emb = None
+        if args.embeddings:  # a folder as `usam embed --cache FOLDER` writes it: NAME.zarr (or NAME.npz)
+            candidates = [Path(args.embeddings) / f"{path.stem}{ext}" for ext in (".zarr", ".npz")]
+            emb = next((c for c in candidates if c.exists()), None)
+            if emb is None:
+                raise ValueError(f"no embeddings for {path.name} in {args.embeddings} (expected {candidates[0].name})")
+        jobs.append((path, out / f"{path.stem}.tif", Path(args.overlay) / f"{path.stem}.png" if args.overlay else None,
+                     emb))
+    return jobs
+
+
+def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], args: argparse.Namespace,
+                        progress: bool):
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.embeddings.compute import compute_tiled_embeddings
+
+    if is_stack(image, False):
+        raise ValueError(f"usam {args.command} segments 2D images; got an array of shape {image.shape}")
+    if embeddings is not None:
+        if args.tile_shape is not None:
+            raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
+                             "--embeddings")
+        emb = load_embeddings_for(embeddings, image, model)
+        if tuple(emb.original_shape) != image.shape[:2]:
+            raise ValueError(f"embeddings are for an image of shape {emb.original_shape}, not {image.shape[:2]}")
+        return emb
+    if args.tile_shape is not None:
+        halo = args.halo if args.halo is not None else (0, 0)
+        return compute_tiled_embeddings(model, image, tile_shape=args.tile_shape, halo=halo, progress=progress)
+    return compute_embeddings(model, image)
+
+
+def _override(params, args: argparse.Namespace, names):
+    """Parameters with the options the user gave (None = keep the preset / default)."""
+    import dataclasses
+
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return dataclasses.replace(params, **given)
+
+
+AIS_OPTIONS = ("center_distance_threshold", "boundary_distance_threshold", "foreground_threshold",
+               "foreground_smoothing", "distance_smoothing", "min_size")
+
+
+AMG_OPTIONS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+               "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh",
+               "min_mask_region_area")
+
+
+def _run_automatic(args: argparse.Namespace, segment) -> int:
+    """Shared driver of ``usam ais`` / ``usam amg``: ``segment(model, image, embeddings, progress)`` -> labels."""
+    from tqdm import tqdm
+
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.io.overlay import overlay
+
+    if args.halo is not None and args.tile_shape is None:
+        raise UsageError("--halo needs --tile-shape")
+    jobs = _image_jobs(args)
+    model = SamModel.load(args.model, weight_format=args.weight_format)
+    single = len(jobs) == 1
+    summary = []
+    for path, out, overlay_path, embeddings in tqdm(jobs, desc=f"usam {args.command}", unit="image",
+                                                    disable=args.quiet or single):
+        image = read_image(str(path))
+        emb = _embeddings_for_job(model, image, embeddings, args, progress=single and not args.quiet)
+        labels = segment(model, image, emb, single and not args.quiet)
+        write_tiff(out, labels)
+        if overlay_path is not None:
+            write_png(overlay_path, overlay(image, labels))
+        summary.append(f"wrote {out} ({int(labels.max())} objects)")
+    print("\n".join(summary))
+    return 0
+
+
+def cmd_ais(args: argparse.Namespace) -> int:
+    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
+    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
+
+    params = _override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)
+
+    def segment(model, image, emb, progress):
+        return automatic_instance_segmentation(model, image, embeddings=emb, params=params, progress=progress)
+
+    return _run_automatic(args, segment)
+
+
+def cmd_amg(args: argparse.Namespace) -> int:
+    from usam_bioimageio.automatic.amg.params import AMG_PRESETS, AmgParameters
+    from usam_bioimageio.automatic.amg.generator import automatic_mask_generation
+
+    params = _override(AMG_PRESETS[args.preset] if args.preset else AmgParameters(), args, AMG_OPTIONS)
+    if params.crop_n_layers > 0 and args.embeddings:
+        raise UsageError("--crop-n-layers encodes crops of the image: it cannot use --embeddings")
+
+    def segment(model, image, emb, progress):
+        return automatic_mask_generation(model, image, embeddings=emb, params=params,
+                                         min_object_size=args.min_object_size, progress=progress)
+
+    return _run_automatic(args, segment)
+
+
+def _add_automatic_parser(sub, name: str, func, helptext: str, presets) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=helptext, description=helptext)
+    p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
+    p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...) or a folder of images")
+    p.add_argument("--out", required=True, help="label TIFF (uint32, 0 = background); a folder for a folder of images")
+    p.add_argument("--embeddings", default=None,
+                   help="precomputed embeddings: .npz or cache from `usam embed` (tiled too) or micro-sam's; for a "
+                        "folder of images, the folder holding NAME.zarr (or NAME.npz) per image")
+    p.add_argument("--tile-shape", type=int, nargs=2, metavar=("Y", "X"), default=None,
+                   help="compute tiled embeddings (micro-sam's tiling) for large images")
+    p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None,
+                   help="overlap around each tile; should cover half the largest object (default 0 0)")
+    p.add_argument("--preset", default=None, choices=sorted(presets),
+                   help="µSAM's per-model settings (default: µSAM's library defaults, see --help of each option)")
+    p.add_argument("--overlay", default=None, help="also write a PNG overlay (a folder for a folder of images)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=func)
+    return p
+
+
+def add_automatic_parsers(sub) -> None:
+    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
+    from usam_bioimageio.automatic.amg.params import AMG_PRESETS, AmgParameters
+
+    ais = _add_automatic_parser(sub, "ais", cmd_ais, "automatic instance segmentation with µSAM's decoder (the "
+                                "family's AIS packages) -> label TIFF", AIS_PRESETS)
+    d = AisParameters()
+    for name, kind, text in (
+        ("center_distance_threshold", float, "seeds: smoothed centre distance below this"),
+        ("boundary_distance_threshold", float, "seeds: smoothed boundary distance below this"),
+        ("foreground_threshold", float, "foreground: smoothed probability above this"),
+        ("foreground_smoothing", float, "Gaussian sigma of the foreground map (0 = none)"),
+        ("distance_smoothing", float, "Gaussian sigma of the distance maps (0 = none)"),
+        ("min_size", int, "remove objects with fewer pixels"),
+    ):
+        ais.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                         help=f"{text} (default {getattr(d, name)})")
+    amg = _add_automatic_parser(sub, "amg", cmd_amg, "automatic mask generation (SAM's point grid) -> label TIFF",
+                                AMG_PRESETS)
+    d = AmgParameters()
+    for name, kind, text in (
+        ("points_per_side", int, "grid points per side of the image (per tile when tiled)"),
+        ("points_per_batch", int, "points per decoder batch (memory only)"),
+        ("pred_iou_thresh", float, "keep masks with predicted IoU above this"),
+        ("stability_score_thresh", float, "keep masks with stability score at least this"),
+        ("stability_score_offset", float, "logit offset of the stability score"),
+        ("box_nms_thresh", float, "box IoU for NMS within a crop or tile"),
+        ("crop_n_layers", int, "extra crop layers (untiled only; each crop is encoded)"),
+        ("crop_nms_thresh", float, "box IoU for NMS across crops and tiles"),
+        ("min_mask_region_area", int, "remove holes and islands smaller than this from each mask"),
+    ):
+        amg.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                         help=f"{text} (default {getattr(d, name)})")
+    amg.add_argument("--min-object-size", type=int, default=0,
+                     help="drop masks and label components with fewer pixels (default 0)")

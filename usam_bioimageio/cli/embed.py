@@ -1,0 +1,64 @@
+"""`usam embed`: embeddings of an image (.npz) or of images, stacks and tiles into a cache."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from usam_bioimageio.errors import UsageError
+from usam_bioimageio.cli.files import IMAGE_SUFFIXES, is_stack, read_image
+
+
+def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namespace, name: str) -> str:
+    from usam_bioimageio.embeddings.compute import cached_embeddings
+
+    stack = is_stack(image, args.stack)
+    tile_shape, halo = args.tile_shape, args.halo
+    if tile_shape is not None and halo is None:
+        halo = (0, 0)
+    emb = cached_embeddings(model, image, cache, tile_shape=tile_shape, halo=halo, stack=stack,
+                            progress=not args.quiet)
+    what = f"a stack of {len(emb)} slices" if stack else f"an image of shape {image.shape[:2]}"
+    tiles = f", {len(emb.tiling)} tiles per image" if emb.tiling is not None else ""
+    return f"{name}: {what}{tiles} -> {cache}"
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.embeddings.npz import save_embeddings
+    from usam_bioimageio.runtime.model import SamModel
+
+    if args.halo is not None and args.tile_shape is None:
+        raise UsageError("--halo needs --tile-shape")
+    source = Path(args.image)
+    if args.cache is None:
+        if args.out is None:
+            raise UsageError("give --out FILE.npz (one 2D image) or --cache PATH (any image, stack or folder)")
+        if args.tile_shape is not None or args.stack or source.is_dir():
+            raise UsageError("tiled embeddings, stacks and folders of images are written to a cache: "
+                             "pass --cache PATH")
+    elif args.out is not None:
+        raise UsageError("give --out or --cache, not both")
+
+    model = SamModel.load(args.model, weight_format=args.weight_format)
+    if args.cache is None:
+        image = read_image(args.image)
+        if is_stack(image, False):
+            raise UsageError(f"{args.image} holds a stack of shape {image.shape}: pass --cache PATH")
+        emb = compute_embeddings(model, image)
+        save_embeddings(Path(args.out), emb)
+        print(f"wrote embeddings {emb.features.shape} to {args.out}")
+        return 0
+    cache = Path(args.cache)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+        cache.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            print(_embed_to_cache(model, read_image(str(path)), cache / f"{path.stem}.zarr", args, path.name))
+        return 0
+    print(_embed_to_cache(model, read_image(args.image), cache, args, source.name))
+    return 0
