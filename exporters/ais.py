@@ -29,7 +29,7 @@ from usam_bioimageio.io.overlay import overlay
 
 from . import modules
 from usam_bioimageio.training.checkpoints import Checkpoint
-from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Ref, Space, TensorSpec, channel, embedding_axes
+from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Ref, Space, TensorSpec, channel, embedding_axes, family_config
 from .writer import write_package
 from .samples import Sample
 
@@ -95,14 +95,7 @@ def script_ais_model(model: AisModel) -> torch.jit.ScriptModule:
 
 def _config(ckpt: Checkpoint, name: str, kind: str, use_conv_transpose: bool, **extra) -> dict:
     params = dataclasses.asdict(AisParameters())
-    return {
-        "kind": kind,
-        "family": name,
-        "model_type": ckpt.model_type,
-        "image_size": registry.IMAGE_SIZE,
-        "embedding_shape": [registry.EMBEDDING_DIM, registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE],
-        "pixel_mean": list(registry.PIXEL_MEAN),
-        "pixel_std": list(registry.PIXEL_STD),
+    return family_config(ckpt.model_type, name, kind, **{
         "channels": list(AIS_CHANNEL_NAMES),
         "decoder": {
             "architecture": "torch_em UNETR decoder (micro-sam 1.8.14 get_unetr: out_channels 3, sigmoid, "
@@ -119,9 +112,8 @@ def _config(ckpt: Checkpoint, name: str, kind: str, use_conv_transpose: bool, **
             "center_distance_threshold) & (boundary < boundary_distance_threshold) & foreground; seeded "
             "watershed on the boundary distances inside the foreground; objects smaller than min_size removed"
         ),
-        "exporter_version": __import__("usam_bioimageio").__version__,
         **extra,
-    }
+    })
 
 
 def _documentation(kind: str, name: str, model_type: str) -> str:

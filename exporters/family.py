@@ -24,7 +24,8 @@ from usam_bioimageio.prompting.inputs import build_decoder_inputs
 from . import modules
 from usam_bioimageio.training.checkpoints import Checkpoint, as_micro_sam_infers, load_checkpoint
 from .ais import write_ais_packages
-from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Index, Ref, Space, TensorSpec, channel, embedding_axes
+from .specs import (ANY, WHOLE_IMAGE_NOTE, Batch, Index, Ref, Space, TensorSpec, channel, embedding_axes,
+                    family_config)
 from .writer import DEFAULT_FORMATS, write_package
 from .samples import Sample, load_sample, synthetic_sample
 
@@ -48,22 +49,6 @@ and zero padding to 1024 x 1024, then the ViT. The family's prompt decoder (and 
 
 {WHOLE_IMAGE_NOTE}
 """
-
-
-def _family_config(checkpoint: Checkpoint, name: str, kind: str, **extra) -> dict:
-    return {
-        "kind": kind,
-        "family": name,
-        "model_type": checkpoint.model_type,
-        "image_size": registry.IMAGE_SIZE,
-        "embedding_shape": [registry.EMBEDDING_DIM, registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE],
-        "pixel_mean": list(registry.PIXEL_MEAN),
-        "pixel_std": list(registry.PIXEL_STD),
-        "input_normalization": "per-channel min-max to 0..255, truncated (micro-sam 1.8.14 _to_image)",
-        "resize": "longest side to 1024, Pillow bilinear (antialiased), zero padding bottom/right",
-        "exporter_version": __version__,
-        **extra,
-    }
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> Path:
@@ -111,7 +96,8 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
         tags=["segment-anything", "micro-sam", "image-encoder", "embeddings", ckpt.model_type],
         covers=[cover],
         documentation=encoder_documentation(name, ckpt.model_type),
-        config=_family_config(ckpt, name, "image_encoder", sample=sample.source, whole_image=WHOLE_IMAGE_NOTE),
+        config=family_config(ckpt.model_type, name, "image_encoder", sample=sample.source,
+                             whole_image=WHOLE_IMAGE_NOTE),
     )
     return embeddings
 
@@ -169,7 +155,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
         formats=formats,
         tags=["segment-anything", "micro-sam", "prompt-decoder", "interactive-segmentation", ckpt.model_type],
         covers=[cover],
-        config=_family_config(ckpt, name, "prompt_decoder", image_encoder={"name": f"{name} image encoder",
+        config=family_config(ckpt.model_type, name, "prompt_decoder", image_encoder={"name": f"{name} image encoder",
                                                                             "identity": encoder_sha}),
     )
 

@@ -685,3 +685,22 @@ def embedding_axes() -> list:
     """Axes of the (1, 256, 64, 64) embeddings tensor, shared by every package that produces or reads it."""
     return [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
             Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)]
+
+
+def family_config(model_type: str, name: str, kind: str, **extra) -> dict:
+    """``config.usam`` of every package of a family: what it is and the SAM geometry it was exported with."""
+    from usam_bioimageio import __version__
+
+    return {
+        "kind": kind,
+        "family": name,
+        "model_type": model_type,
+        "image_size": registry.IMAGE_SIZE,
+        "embedding_shape": [registry.EMBEDDING_DIM, registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE],
+        "pixel_mean": list(registry.PIXEL_MEAN),
+        "pixel_std": list(registry.PIXEL_STD),
+        "input_normalization": "per-channel min-max to 0..255, truncated (micro-sam 1.8.14 _to_image)",
+        "resize": "longest side to 1024, Pillow bilinear (antialiased), zero padding bottom/right",
+        "exporter_version": __version__,
+        **extra,
+    }

@@ -1,6 +1,7 @@
 // Host runner for ONNX Runtime native through onnxruntime-node (deepImageJ pins ORT 1.13.1); no project
 // code. Same job file and outputs as run_python.py: OUT/<package>.onnx.<tensor>.npy or .error.
-// usage: node run_node.js JOB OUT   (NODE_PATH: the environment's node_modules)
+// usage: node run_node.js JOB OUT [LEVEL]   (NODE_PATH: the environment's node_modules; LEVEL: graph optimisation
+// level disabled / basic / extended / all, default: the session's default)
 'use strict';
 const fs = require('fs');
 const path = require('path');
@@ -49,13 +50,14 @@ function writeNpy(file, tensor) {
 }
 
 async function main() {
-  const [jobFile, out] = process.argv.slice(2);
+  const [jobFile, out, level] = process.argv.slice(2);
+  const options = level ? { graphOptimizationLevel: level } : undefined;
   const job = JSON.parse(fs.readFileSync(jobFile, 'utf8'));
   fs.mkdirSync(out, { recursive: true });
   for (const [name, pkg] of Object.entries(job.packages)) {
     if (!pkg.weights.onnx) continue;
     try {
-      const session = await ort.InferenceSession.create(pkg.weights.onnx);  // default options, as a host
+      const session = await ort.InferenceSession.create(pkg.weights.onnx, options);  // default: as a host
       const feeds = {};
       for (const [tensor, file] of pkg.inputs) feeds[tensor] = readNpy(file);
       const results = await session.run(feeds);

@@ -5,7 +5,8 @@ Runs inside a host environment (scripts/host_envs.sh) with only that runtime ins
 [[tensor, .npy]], "outputs": [[tensor, .npy]]}}}`` and writes each output to ``OUT/<package>.<format>.
 <tensor>.npy``, or ``OUT/<package>.<format>.error`` with the reason. Default session options, as a host has.
 
-usage: python run_python.py onnx|torchscript JOB OUT
+usage: python run_python.py onnx|torchscript JOB OUT [LEVEL]   (LEVEL, ONNX only: the graph optimisation level,
+disabled / basic / extended / all; default: the session's default, all)
 """
 
 import json
@@ -16,10 +17,20 @@ from pathlib import Path
 import numpy as np
 
 
+LEVEL = None
+
+
 def run_onnx(weights, inputs):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(weights, providers=["CPUExecutionProvider"])
+    options = None
+    if LEVEL is not None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[LEVEL]
+    session = ort.InferenceSession(weights, options, providers=["CPUExecutionProvider"])
     return session.run(None, dict(inputs))
 
 
@@ -35,7 +46,9 @@ def run_torchscript(weights, inputs):
 
 
 def main():
+    global LEVEL
     fmt, job, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
+    LEVEL = sys.argv[4] if len(sys.argv) > 4 else None
     run = {"onnx": run_onnx, "torchscript": run_torchscript}[fmt]
     out.mkdir(parents=True, exist_ok=True)
     for name, package in job["packages"].items():
