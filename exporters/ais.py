@@ -187,7 +187,7 @@ def write_ais_packages(
     embeddings: np.ndarray,
     encoder_sha: str,
     name: str,
-    files: Dict[str, Path],
+    folder: Path,
     formats: Sequence[str],
     work: Path,
     *,
@@ -201,25 +201,22 @@ def write_ais_packages(
         sample: the family's sample image (test tensor of ``ais``, cover of both).
         embeddings: (1, 256, 64, 64) embeddings of ``sample`` from the family's image encoder module (test
             tensor of ``ais_head``).
-        encoder_sha: the image encoder package's identity (its ONNX sha256), recorded in ``ais_head``.
+        encoder_sha: the image encoder package's identity (``Package.identity``), recorded in ``ais_head``.
         name: the family name.
-        files: export_family's kind -> path dict; the paths of ``ais`` / ``ais_head`` are taken from it or,
-            if absent, put next to ``files["image_encoder"]`` as ``ais.zip`` / ``ais_head.zip`` and added to it.
+        folder: where ``ais.zip`` / ``ais_head.zip`` are written (the family's folder).
         formats: weight formats.
         work: scratch folder for covers.
         kinds: which of the two packages to write (default both).
         test: gate each package with bioimageio.core's test (default; ``False`` only for test fixtures).
 
-    Returns ``files`` (updated).
+    Returns ``{kind: path}`` of the packages written.
     """
     unknown = set(kinds) - set(AIS_KINDS)
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {AIS_KINDS}, got {tuple(kinds)}")
     state = _decoder_state(checkpoint)
     conv_t = uses_conv_transpose(state)
-    folder = Path(files["image_encoder"]).parent if "image_encoder" in files else Path(work)
-    for kind in kinds:
-        files.setdefault(kind, folder / f"{kind}.zip")
+    files = {kind: Path(folder) / f"{kind}.zip" for kind in kinds}
     h, w = sample.image.shape[:2]
     arch_kwargs = {"model_type": checkpoint.model_type, "use_conv_transpose": conv_t,
                    "batch_statistics": BATCH_STATISTICS}

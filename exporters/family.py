@@ -212,7 +212,8 @@ def export_family(
             bar.update()
             if ckpt.decoder_state is not None:  # µSAM checkpoints with an AIS decoder
                 bar.set_postfix_str("AIS and AIS head")
-                write_ais_packages(ckpt, sample, embeddings, encoder_sha, name, files, formats, work, test=test)
+                files.update(write_ais_packages(ckpt, sample, embeddings, encoder_sha, name, staging, formats, work,
+                                                test=test))
                 bar.update()
         manifest = {
             "name": name,

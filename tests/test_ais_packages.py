@@ -227,11 +227,10 @@ def ais_family(vit_t_family, reference, sam_state, tmp_path_factory):
         with torch.no_grad():
             embeddings = modules.image_encoder(ckpt)(torch.from_numpy(image_to_input(sample.image))).numpy()
         encoder_sha = load_package(folder / "image_encoder.zip").identity
-        files = {"image_encoder": folder / "image_encoder.zip"}
         work = tmp_path_factory.mktemp("ais-work")
         t0 = time.perf_counter()
-        write_ais_packages(ckpt, sample, embeddings, encoder_sha, "vit_t_random", files, ("torchscript", "onnx",
-                           "pytorch_state_dict"), work)
+        files = write_ais_packages(ckpt, sample, embeddings, encoder_sha, "vit_t_random", folder,
+                                   ("torchscript", "onnx", "pytorch_state_dict"), work)
         seconds = time.perf_counter() - t0
         for kind in ("ais", "ais_head"):
             manifest["packages"][kind] = {"file": files[kind].name, "sha256": sha256_of(files[kind])}

@@ -290,3 +290,15 @@ def test_sibling_check_holds_for_every_weight_format(vit_t_family, tmp_path):
     _rewrite_rdf(family / "prompt_decoder.zip", lambda rdf: rdf["config"]["usam"].pop("image_encoder"))
     with pytest.raises(PackageError, match="records no image encoder identity"):
         load_family(family)
+
+
+def test_validate_prints_why_a_check_failed(tmp_path, capsys, monkeypatch):
+    """usam validate names the failing checks' reasons, one line each, and exits 1."""
+    import usam_exporters.writer as writer
+
+    summary = writer.PackageSummary({"onnx": "failed"}, source="p.zip", status="failed",
+                                    errors=["[onnx] Reproduce test outputs: max abs diff 0.5 > 1e-3"])
+    monkeypatch.setattr(writer, "validate_package", lambda path: summary)
+    assert cli.main(["validate", str(tmp_path / "p.zip")]) == 1
+    out = capsys.readouterr().out
+    assert "onnx: failed" in out and "failed: [onnx] Reproduce test outputs: max abs diff 0.5" in out
