@@ -26,6 +26,8 @@ RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 FAMILY_FILE = "family.yaml"
 KINDS = ("image_encoder", "prompt_decoder", "ais", "ais_head")
 IDENTITY_FORMATS = ("onnx", "torchscript", "pytorch_state_dict")
+# the packages that take the image encoder's embeddings (the end-to-end ``ais`` holds its own encoder)
+EMBEDDING_CONSUMERS = ("prompt_decoder", "ais_head")
 # bioimage.io resolves an id to its rdf.yaml here (bioimageio.spec settings.collection_http_pattern).
 BIOIMAGEIO_RDF_URL = "https://hypha.aicell.io/bioimage-io/artifacts/{id}/files/rdf.yaml"
 
@@ -269,5 +271,5 @@ def check_siblings(family: Family) -> None:
         return
     encoder = family.get("image_encoder")
     for kind, package in family.packages.items():
-        if kind != "image_encoder":
+        if kind in EMBEDDING_CONSUMERS:
             check_encoder(package, encoder.identity, f"the family's encoder {encoder.name!r}")
