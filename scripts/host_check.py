@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +257,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "hosts.json")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument("--jobs", type=int, default=2, help="runtimes checked side by side (default 2)")
     parser.add_argument("--quick", action="store_true",
                         help="CI: bioimageio.core runs (test_model and a prediction) the ONNX weights only; "
                              "the export without pytorch_state_dict weights")
@@ -273,12 +275,20 @@ def main(argv=None) -> int:
                   "family": "seeded vit_t + AIS decoder" if not args.family else str(args.family),
                   "packages": sorted(job["packages"]), "export_seconds": round(export_s, 1),
                   "host": f"{platform.machine()}, {os.cpu_count()} cores", "quick": args.quick}
-        for name in args.runtimes:
+        def check(name: str):
             print(f"host check: {name} ...", file=sys.stderr, flush=True)
-            report["versions"][name] = version_of(name)
             t1 = time.perf_counter()
-            report["runtimes"][name] = run_runtime(name, job_file, job, work, quick=args.quick)
-            report["seconds"][name] = round(time.perf_counter() - t1, 1)
+            result = version_of(name), run_runtime(name, job_file, job, work, quick=args.quick)
+            return result + (round(time.perf_counter() - t1, 1),)
+
+        # runtimes side by side: much of a run is single-threaded (imports, session set-up, the comparison)
+        t1 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            done = dict(zip(args.runtimes, pool.map(check, args.runtimes)))
+        for name in args.runtimes:  # in the order asked for
+            report["versions"][name], report["runtimes"][name], report["seconds"][name] = done[name]
+        report["seconds_all_runtimes"] = round(time.perf_counter() - t1, 1)
+        report["jobs"] = args.jobs
         report["descriptions"] = {}
         for name in PARSERS:
             report["versions"][name] = version_of(name)

@@ -22,6 +22,7 @@ from scipy import ndimage
 from conftest import DATA, DSB, dsb_test_ids
 from reference import build_reference_sam, mobile_sam, usam_to_image
 from usam_bioimageio.automatic.amg import generator as amg
+from usam_bioimageio.automatic.amg import geometry
 from usam_bioimageio.automatic.amg.params import AMG_PRESETS, AmgParameters
 from usam_bioimageio.automatic.amg.generator import automatic_mask_generation, generate_masks
 from usam_bioimageio.automatic.amg.labels import masks_to_label_image
@@ -238,15 +239,15 @@ def test_nms_matches_torchvision():
         threshold = float(rng.choice([0.0, 0.25, 0.5, 0.7, 1.0]))
         expected = batched_nms(torch.as_tensor(boxes).float(), torch.as_tensor(scores), torch.zeros(n),
                                iou_threshold=threshold).numpy()
-        np.testing.assert_array_equal(amg.nms(boxes, scores, threshold), expected)
-    assert amg.nms(np.zeros((0, 4)), np.zeros(0), 0.7).shape == (0,)
+        np.testing.assert_array_equal(geometry.nms(boxes, scores, threshold), expected)
+    assert geometry.nms(np.zeros((0, 4)), np.zeros(0), 0.7).shape == (0,)
 
 
 def test_nms_compares_in_double():
     """IoU 288 / 960 is float32(0.3) = 0.3000000119 > 0.3: torchvision's kernel suppresses the box."""
     boxes = np.array([[15, 32, 43, 44], [19, 17, 43, 55]])
-    np.testing.assert_array_equal(amg.nms(boxes, np.array([0.9, 0.8]), 0.3), [0])
-    np.testing.assert_array_equal(amg.nms(boxes, np.array([0.9, 0.8]), 0.31), [0, 1])
+    np.testing.assert_array_equal(geometry.nms(boxes, np.array([0.9, 0.8]), 0.3), [0])
+    np.testing.assert_array_equal(geometry.nms(boxes, np.array([0.9, 0.8]), 0.31), [0, 1])
 
 
 def test_geometry_matches_segment_anything():
@@ -254,14 +255,14 @@ def test_geometry_matches_segment_anything():
     from mobile_sam.utils import amg as ref
 
     for n in (1, 2, 16, 32):
-        np.testing.assert_array_equal(amg.build_point_grid(n), ref.build_point_grid(n))
+        np.testing.assert_array_equal(geometry.build_point_grid(n), ref.build_point_grid(n))
     for shape in [(256, 256), (256, 320), (1305, 1009), (37, 700)]:
         for layers in (0, 1, 2):
-            assert amg.generate_crop_boxes(shape, layers, 512 / 1500) == ref.generate_crop_boxes(shape, layers, 512 / 1500)
+            assert geometry.generate_crop_boxes(shape, layers, 512 / 1500) == ref.generate_crop_boxes(shape, layers, 512 / 1500)
     rng = np.random.default_rng(1)
     masks = rng.random((6, 20, 30)) < 0.01
     masks[0] = False
-    np.testing.assert_array_equal(amg._boxes_of(masks), ref.batched_mask_to_box(torch.as_tensor(masks)).numpy())
+    np.testing.assert_array_equal(geometry.boxes_of(masks), ref.batched_mask_to_box(torch.as_tensor(masks)).numpy())
 
 
 def test_remove_small_regions_matches_segment_anything(cv2_module):
@@ -285,7 +286,7 @@ def test_remove_small_regions_matches_segment_anything(cv2_module):
         area = int(rng.integers(1, 40))
         expected, changed_holes = remove_small_regions(full, area, "holes")
         expected, changed_islands = remove_small_regions(expected, area, "islands")
-        box = amg._boxes_of(full[None])[0]
+        box = geometry.boxes_of(full[None])[0]
         masks = amg._Masks(box[None], [full[box[1]:box[3] + 1, box[0]:box[2] + 1].copy()],
                            np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros((1, 2)), np.zeros((1, 4), np.int64))
         new_box, new_crop, changed = amg._remove_small_regions(masks, 0, (big_h, big_w), area)
@@ -293,7 +294,7 @@ def test_remove_small_regions_matches_segment_anything(cv2_module):
         got = np.zeros((big_h, big_w), bool)
         got[new_box[1]:new_box[1] + new_crop.shape[0], new_box[0]:new_box[0] + new_crop.shape[1]] = new_crop
         np.testing.assert_array_equal(got, expected)
-        np.testing.assert_array_equal(new_box, amg._boxes_of(expected[None])[0])
+        np.testing.assert_array_equal(new_box, geometry.boxes_of(expected[None])[0])
         n_changed += changed
     assert 50 < n_changed < 300
 
