@@ -7,7 +7,10 @@ everything with ``bioimageio.spec.save_bioimageio_package`` and runs ``bioimagei
 (atomically) to ``output_path``; otherwise :class:`PackageTestError` is raised and nothing is left
 behind.
 
-:func:`validate_package` runs the same test on an existing package and returns a per-format summary.
+:func:`validate_package` runs the same test on an existing package and returns a per-format summary. A package
+from elsewhere is untrusted: before bioimageio.core sees it, its rdf.yaml is read and checked by our own loader
+(``usam_bioimageio.runtime.packages.read_package_rdf``), which refuses architectures outside
+``usam_bioimageio.modeling``, code files, files outside the package and zip bombs.
 """
 
 from __future__ import annotations
@@ -152,12 +155,39 @@ def _summarize(vs: Any, source: Union[str, Path], seconds: float) -> PackageSumm
     )
 
 
+def _check_architectures(rdf: Mapping[str, Any], where: str) -> None:
+    """Each architecture (already restricted to ``usam_bioimageio.modeling`` by name) must be a torch module class
+    defined there: not a function or an object that module merely imports (``os``, ``Path``)."""
+    import importlib
+    import inspect
+
+    import torch
+
+    from usam_bioimageio.errors import UntrustedPackageError
+    from usam_bioimageio.runtime.packages import TRUSTED_ARCHITECTURE_MODULE
+
+    for fmt, entry in rdf["weights"].items():
+        arch = entry.get("architecture")
+        if arch is None:
+            continue
+        module, name = (arch["import_from"], arch["callable"]) if isinstance(arch, dict) else arch.rpartition(".")[::2]
+        try:
+            obj = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            obj = None
+        if not (inspect.isclass(obj) and issubclass(obj, torch.nn.Module)
+                and obj.__module__.startswith(TRUSTED_ARCHITECTURE_MODULE)):
+            raise UntrustedPackageError(f"{where}: architecture {module}.{name} is not a model class of "
+                                        f"{TRUSTED_ARCHITECTURE_MODULE}: refusing to run it")
+
+
 def validate_package(
     path: Union[str, Path],
     *,
     weight_format: Optional[str] = None,
     devices: Optional[Sequence[str]] = None,
     determinism: str = "full",
+    allow_code: bool = False,
 ) -> PackageSummary:
     """Test a bioimage.io package with ``bioimageio.core.test_model`` (all its weight formats unless
     ``weight_format`` is given).
@@ -165,7 +195,18 @@ def validate_package(
     Returns a :class:`PackageSummary`: ``{weight format: "passed" | "failed"}`` (plus
     ``"description": "failed"`` if the package itself is broken); ``summary.passed`` tells whether all
     passed, ``summary.errors`` why not.
+
+    Raises:
+        usam_bioimageio.errors.PackageError: the rdf.yaml is unreadable, or asks for code outside
+            ``usam_bioimageio.modeling`` (an ``UntrustedPackageError``), a file outside the package or more than
+            the zip limits; nothing of the package has been imported or run. ``allow_code`` lifts the
+            architecture rule, for a package written from the caller's own module (:func:`write_package`).
     """
+    from usam_bioimageio.runtime.packages import read_package_rdf
+
+    rdf = read_package_rdf(path, allow_code=allow_code)
+    if not allow_code:
+        _check_architectures(rdf, str(path))
     from bioimageio.core import test_model
 
     try:
@@ -758,7 +799,8 @@ def write_package(
         zip_path = save_bioimageio_package(descr, output_path=work / output_path.name)
         write_portable_rdf(zip_path)
         if test:
-            summary = validate_package(zip_path, devices=devices)
+            # the architecture is the caller's own code, already running in this process
+            summary = validate_package(zip_path, devices=devices, allow_code=True)
             if not summary.passed or set(summary.formats) != set(formats):
                 summary.source = str(output_path)
                 raise PackageTestError(

@@ -6,7 +6,10 @@ working.
 
 from __future__ import annotations
 
-__all__ = ["CacheMismatchError", "ChecksumError", "DownloadError", "PackageError", "UsageError", "UsamError"]
+__all__ = [
+    "CacheMismatchError", "ChecksumError", "DownloadError", "PackageError", "SettingError",
+    "UntrustedPackageError", "UsageError", "UsamError",
+]
 
 
 class UsamError(Exception):
@@ -19,6 +22,15 @@ class UsageError(UsamError, ValueError):
 
 class PackageError(UsamError, ValueError):
     """A package or family cannot be used: missing, corrupt, of another kind, or mismatched."""
+
+
+class UntrustedPackageError(PackageError):
+    """A package asks for something we never do for a package: run code outside ``usam_bioimageio.modeling``,
+    read a file outside itself, or unpack beyond the size limits."""
+
+
+class SettingError(UsamError, ValueError):
+    """An environment variable (``usam_bioimageio.settings``) holds a value that cannot be used."""
 
 
 class CacheMismatchError(UsamError, ValueError):

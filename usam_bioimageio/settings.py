@@ -6,10 +6,22 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CACHE_ENV_VAR", "THREADS_ENV_VAR", "cache_dir", "num_threads"]
+from usam_bioimageio.errors import SettingError
+
+__all__ = [
+    "CACHE_ENV_VAR", "MAX_RATIO_ENV_VAR", "MAX_UNPACKED_ENV_VAR", "THREADS_ENV_VAR", "cache_dir",
+    "max_compression_ratio", "max_unpacked_bytes", "num_threads",
+]
 
 CACHE_ENV_VAR = "USAM_CACHE_DIR"
 THREADS_ENV_VAR = "USAM_NUM_THREADS"
+MAX_UNPACKED_ENV_VAR = "USAM_MAX_UNPACKED_BYTES"
+MAX_RATIO_ENV_VAR = "USAM_MAX_COMPRESSION_RATIO"
+# the largest package, vit_h's encoder in three weight formats, unpacks to ~7.7 GB (3 x 2.5 GB): 16 GiB leaves
+# room and still stops a zip bomb filling the disk
+DEFAULT_MAX_UNPACKED_BYTES = 16 * 2**30
+# deflate reaches ~1000:1 only on degenerate data; real weights and test tensors compress less than 10:1
+DEFAULT_MAX_COMPRESSION_RATIO = 200.0
 
 
 def cache_dir() -> Path:
@@ -28,3 +40,27 @@ def num_threads() -> Optional[int]:
         return int(value) if value and int(value) > 0 else None
     except ValueError:
         return None
+
+
+def _positive(name: str, default: float, kind: type) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = kind(float(value))  # "2e10" too
+    except (ValueError, OverflowError):
+        number = 0
+    if not number > 0:
+        raise SettingError(f"${name} must be a positive number, not {value!r}")
+    return number
+
+
+def max_unpacked_bytes() -> int:
+    """The most bytes one package zip may unpack to: ``$USAM_MAX_UNPACKED_BYTES`` (e.g. ``2e10``), default 16 GiB."""
+    return int(_positive(MAX_UNPACKED_ENV_VAR, DEFAULT_MAX_UNPACKED_BYTES, int))
+
+
+def max_compression_ratio() -> float:
+    """The largest uncompressed / compressed size of a zip member (of more than 1 MiB):
+    ``$USAM_MAX_COMPRESSION_RATIO``, default 200."""
+    return float(_positive(MAX_RATIO_ENV_VAR, DEFAULT_MAX_COMPRESSION_RATIO, float))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-
 
 from usam_bioimageio.errors import UsamError
 
@@ -37,7 +37,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UsamError(f"usam validate needs bioimageio.core: pip install 'usam-bioimageio[export]' ({err})") from err
     ok = True
     for path in args.packages:
-        summary = validate_package(Path(path))
+        try:
+            summary = validate_package(Path(path))
+        except UsamError as err:  # refused before bioimageio.core saw it (untrusted, unreadable): the next one
+            print(f"usam validate: error: {' '.join(str(err).split())}", file=sys.stderr)
+            ok = False
+            continue
         for fmt, status in summary.items():
             print(f"{path}: {fmt}: {status}")
             ok &= status == "passed"

@@ -1,4 +1,7 @@
-"""Run one package's weights: ONNX Runtime (default, no torch needed) or torchscript."""
+"""Run one package's weights: ONNX Runtime (default, no torch needed) or torchscript.
+
+A runner loads only weights whose sha256 is the one in the package's rdf.yaml (``packages.verified_weights``).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,13 @@ import numpy as np
 
 from usam_bioimageio import settings
 from usam_bioimageio.errors import PackageError
-from usam_bioimageio.runtime.packages import Package
+from usam_bioimageio.runtime.packages import Package, verified_weights
 
 WEIGHT_FORMATS = ("onnx", "torchscript")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 class Runner:
@@ -26,7 +33,8 @@ class Runner:
         self.weight_format = weight_format
         self.input_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["inputs"])
         self.output_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["outputs"])
-        path = package.weights_path(weight_format)
+        path = verified_weights(package, weight_format)
+        what = f"the {weight_format} weights {path} of package {package.name!r}"
         threads = num_threads or settings.num_threads()
         if weight_format == "onnx":
             import onnxruntime as ort
@@ -40,14 +48,21 @@ class Runner:
             # no busy-waiting after a run: the runtime's numpy work (mask upscaling, post-processing) runs
             # between decoder calls, and spinning ONNX Runtime threads would take its cores (2 here)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            try:
+                self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+                raise PackageError(f"ONNX Runtime cannot load {what} (truncated or corrupt?): "
+                                   f"{_first_line(err)}") from None
         else:
             try:
                 import torch
             except ImportError as err:
                 raise PackageError("torchscript weights need torch: pip install 'usam-bioimageio[torch]'") from err
             # torch's thread count is process-wide: a runner leaves it to the caller (torch.set_num_threads)
-            self._module = torch.jit.load(str(path), map_location="cpu").eval()
+            try:
+                self._module = torch.jit.load(str(path), map_location="cpu").eval()
+            except Exception as err:  # RuntimeError for a truncated archive, ValueError, ...
+                raise PackageError(f"torch cannot load {what} (truncated or corrupt?): {_first_line(err)}") from None
 
     def __call__(self, **inputs: np.ndarray) -> Dict[str, np.ndarray]:
         missing = set(self.input_names) - set(inputs)

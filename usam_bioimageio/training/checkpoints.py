@@ -104,6 +104,23 @@ def _torch_load(path: Path):
         raise ValueError(f"{path} is not a readable torch checkpoint ({kind}): {type(e).__name__}: {first}") from None
 
 
+def _load_fetched(path: Path, url: str):
+    """``_torch_load`` of ``path``, fetched from ``url``: a download that fails to parse (an HTML error page saved
+    as the checkpoint) is removed from the cache, so that the next run downloads it again instead of reusing it."""
+    try:
+        return _torch_load(path)
+    except ValueError as err:
+        try:
+            cached = path.resolve().is_relative_to(download.cache_dir().resolve())
+        except OSError:
+            cached = False
+        if not cached:  # a local file (a path or file:// URL) is the user's: never removed
+            raise
+        path.unlink(missing_ok=True)
+        raise ValueError(f"{err}; removed the download of {url} from the cache ({path}): the next run downloads "
+                         "it again") from None
+
+
 def _tensor_dict(state, what: str, where: str) -> Dict[str, Tensor]:
     if not isinstance(state, Mapping):
         raise ValueError(f"{where}: {what} is a {type(state).__name__}, not a state dict")
@@ -234,12 +251,14 @@ def load_checkpoint(
         label = str(path)
 
     where = f"checkpoint {label}" if label == str(path) else f"checkpoint {label} ({path})"
-    sam_state, decoder_state = _split(_torch_load(path), where)
+    fetched = entry is not None or label != str(path)
+    sam_state, decoder_state = _split(_load_fetched(path, entry.url if entry else label) if fetched
+                                      else _torch_load(path), where)
     if decoder_path is not None:
         if decoder_state is not None:
             raise ValueError(f"{where} holds a decoder_state although the registry lists a separate decoder file")
         dwhere = f"decoder of {label} ({decoder_path})"
-        decoder_state = _tensor_dict(_torch_load(decoder_path), "the decoder file", dwhere)
+        decoder_state = _tensor_dict(_load_fetched(decoder_path, entry.decoder_url), "the decoder file", dwhere)
 
     detected = _detect_model_type(sam_state, where)
     if entry is not None and detected != entry.model_type:
