@@ -180,6 +180,23 @@ def test_validate_refuses_os_system_architecture(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_validate_checks_every_description_bioimageio_could_take(tmp_path, capsys):
+    """bioimageio.spec takes the first of the sorted names that are or end in ".rdf.yaml" (then ".bioimageio.yaml",
+    ".model.yaml"; in a zip at any depth): "a.rdf.yaml" before our "rdf.yaml". Every candidate is checked."""
+    marker = tmp_path / "marker"
+    evil = _os_system_package(tmp_path / "evil", marker)
+    folder = make_package(tmp_path / "p")
+    shutil.copy(evil / "weights.pt", folder)
+    zipped = _zip(folder, tmp_path / "p.zip")
+    with zipfile.ZipFile(zipped, "a") as zf:
+        zf.write(evil / "rdf.yaml", "a.rdf.yaml")
+    shutil.copy(evil / "rdf.yaml", folder / "a.rdf.yaml")
+    for package in (zipped, folder):
+        code, err = _cli(["validate", package], capsys)
+        assert code == 1 and "os.system" in err, err
+    assert not marker.exists()
+
+
 def test_loader_refuses_os_system_architecture(tmp_path, cache):
     from usam_bioimageio.runtime.model import SamModel
 
@@ -482,7 +499,7 @@ BROKEN_RDFS = {
     "bad yaml": b"type: model\nweights: [\n",
     "not utf-8": b"type: model\nname: \xff\xfe\n",
     "a list": b"- type\n- model\n",
-    "deep nesting": b"type: model\nweights: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+    "deep nesting": b"type: model\nweights: " + b"[" * 1000 + b"]" * 1000 + b"\n",
     "no weights": {"weights": None},
     "weights a list": {"weights": ["onnx"]},
     "weights entry a string": {"weights": {"onnx": "weights.onnx"}},
@@ -544,6 +561,15 @@ def test_truncated_onnx_is_one_package_error(tmp_path, capsys):
     image = _image(tmp_path)
     code, err = _cli(["embed", "--model", family, "--image", image, "--out", tmp_path / "e.npz"], capsys)
     assert code == 1 and "weights.onnx" in err and len(err.splitlines()) == 1, err
+
+
+def test_onnx_of_other_tensors_than_described_is_one_package_error(tmp_path):
+    folder = make_package(tmp_path / "p")
+    rdf = _rdf(folder)
+    rdf["inputs"][0]["id"] = "image"
+    _write_rdf(folder, rdf)
+    with pytest.raises(PackageError, match=r"take \['x'\] and give \['y'\], but its rdf.yaml describes"):
+        Runner(load_package(folder))
 
 
 def test_truncated_torchscript_is_one_package_error(tmp_path):

@@ -53,6 +53,12 @@ class Runner:
             except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
                 raise PackageError(f"ONNX Runtime cannot load {what} (truncated or corrupt?): "
                                    f"{_first_line(err)}") from None
+            # a graph of other tensors than the rdf describes would fail at the first run, with ONNX Runtime's error
+            ins = [i.name for i in self._session.get_inputs()]
+            outs = [o.name for o in self._session.get_outputs()]
+            if set(ins) != set(self.input_names) or not set(self.output_names) <= set(outs):
+                raise PackageError(f"{what} take {ins} and give {outs}, but its rdf.yaml describes "
+                                   f"{list(self.input_names)} -> {list(self.output_names)}")
         else:
             try:
                 import torch

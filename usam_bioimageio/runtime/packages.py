@@ -33,6 +33,8 @@ from usam_bioimageio.io.download import fetch, sha256_of
 from usam_bioimageio.settings import cache_dir
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
+# the names bioimageio.spec takes for a description, in its order (also any file ending in "." + one of them)
+BIOIMAGEIO_RDF_NAMES = ("rdf.yaml", "bioimageio.yaml", "model.yaml")
 FAMILY_FILE = "family.yaml"
 KINDS = ("image_encoder", "prompt_decoder", "ais", "ais_head")
 IDENTITY_FORMATS = ("onnx", "torchscript", "pytorch_state_dict")
@@ -390,11 +392,23 @@ def _rdf_in_zip(zf: zipfile.ZipFile, where: str, *, runtime: bool = True, allow_
     names = set(zf.namelist())
     for name in RDF_NAMES:
         if name in names:
-            info = zf.getinfo(name)
-            if info.file_size > MAX_RDF_BYTES:
-                raise PackageError(f"{where}: {name} is {info.file_size} bytes, more than an rdf.yaml holds")
-            return parse_rdf(zf.read(info), f"{where}: {name}", runtime=runtime, allow_code=allow_code)
+            return _parse_member(zf, name, where, runtime=runtime, allow_code=allow_code)
     raise PackageError(f"{where} holds no rdf.yaml / bioimageio.yaml: not a bioimage.io package")
+
+
+def _parse_member(zf: zipfile.ZipFile, name: str, where: str, **checks: bool) -> dict:
+    info = zf.getinfo(name)
+    if info.file_size > MAX_RDF_BYTES:
+        raise PackageError(f"{where}: {name} is {info.file_size} bytes, more than an rdf.yaml holds")
+    return parse_rdf(zf.read(info), f"{where}: {name}", **checks)
+
+
+def _bioimageio_candidates(names) -> List[str]:
+    """Every name bioimageio.spec could take for the description (identify_bioimageio_yaml_file_name), its pick
+    first: all are checked, so that no second description slips past ours."""
+    names = sorted(names)
+    return list(dict.fromkeys(n for rdf_name in BIOIMAGEIO_RDF_NAMES for n in names
+                              if n == rdf_name or n.endswith("." + rdf_name)))
 
 
 def read_package_rdf(source: Union[str, os.PathLike], *, allow_code: bool = False) -> dict:
@@ -403,14 +417,22 @@ def read_package_rdf(source: Union[str, os.PathLike], *, allow_code: bool = Fals
     anything."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return _read_rdf(_find_rdf(path), runtime=False, allow_code=allow_code)
+        found = _bioimageio_candidates(p.name for p in path.iterdir() if p.is_file())
+        if not found:
+            raise PackageError(f"{path} holds no rdf.yaml / bioimageio.yaml: not a bioimage.io package")
+        rdfs = [_read_rdf(path / name, runtime=False, allow_code=allow_code) for name in found]  # each checked
+        return rdfs[0]
     if not path.is_file():
         raise PackageError(f"no package at {path}")
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
                 check_zip(zf, str(path))
-                return _rdf_in_zip(zf, str(path), runtime=False, allow_code=allow_code)
+                found = _bioimageio_candidates(zf.namelist())
+                if not found:
+                    raise PackageError(f"{path} holds no rdf.yaml / bioimageio.yaml: not a bioimage.io package")
+                rdfs = [_parse_member(zf, name, str(path), runtime=False, allow_code=allow_code) for name in found]
+                return rdfs[0]
         except zipfile.BadZipFile as err:
             raise PackageError(f"{path} is not a valid zip (truncated or corrupt): {err}") from err
     if path.suffix == ".zip":
