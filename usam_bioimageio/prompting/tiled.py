@@ -27,7 +27,7 @@ from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.runtime.model import SamModel
 from usam_bioimageio.io.prompt_files import ObjectPrompt
 from usam_bioimageio.prompting.inputs import as_objects, build_decoder_inputs
-from usam_bioimageio.prompting.predict import segment_from_prompts
+from usam_bioimageio.prompting.predict import DEFAULT_BATCH_SIZE, _check_batch_size, _decode_batch
 from usam_bioimageio.embeddings.types import Tile, TiledEmbeddings, Tiling
 
 
@@ -95,25 +95,31 @@ def _place(tiling: Tiling, i: int, points, labels, box, mask) -> _Placed:
     return _Placed(tile, points, labels, box, None if mask is None else np.asarray(mask, np.float32))
 
 
-def _decode(model: SamModel, tiled: TiledEmbeddings, placed: List[_Placed], multimask_output: bool):
-    """Decode placed objects grouped by (tile, prompt structure); yields (object indices, PromptResult, tile)."""
+def _decode(model: SamModel, tiled: TiledEmbeddings, placed: List[_Placed], multimask_output: bool,
+            batch_size: int):
+    """Decode placed objects grouped by (tile, prompt structure), at most ``batch_size`` per decoder call;
+    yields (object indices, PromptResult, tile) per batch."""
+    batch_size = _check_batch_size(batch_size)
     groups: Dict[tuple, List[int]] = {}
     for i, obj in enumerate(placed):
         groups.setdefault(obj.key(), []).append(i)
     embeddings: Dict[int, Embeddings] = {}
-    for (t, n_points, has_box, has_mask), idx in sorted(groups.items()):
+    for (t, n_points, has_box, has_mask), group in sorted(groups.items()):
         if t not in embeddings:
             embeddings[t] = tiled.tile_embeddings(t)
-        members = [placed[i] for i in idx]
-        result = segment_from_prompts(
-            model, embeddings[t],
-            points=np.stack([m.points for m in members]) if n_points else None,
-            point_labels=np.stack([m.labels for m in members]) if n_points else None,
-            boxes=np.stack([m.box for m in members]) if has_box else None,
-            mask_inputs=np.stack([m.mask for m in members]) if has_mask else None,
-            multimask_output=multimask_output,
-        )
-        yield idx, result, members[0].tile
+        for start in range(0, len(group), batch_size):
+            idx = group[start:start + batch_size]
+            members = [placed[i] for i in idx]
+            prompts = {
+                "points": np.stack([m.points for m in members]) if n_points else None,
+                "point_labels": np.stack([m.labels for m in members]) if n_points else None,
+                "boxes": np.stack([m.box for m in members]) if has_box else None,
+                "mask_inputs": np.stack([m.mask for m in members]) if has_mask else None,
+            }
+            # as decoding the whole (tile, structure) group in one call (predict's module doc)
+            result = _decode_batch(model, embeddings[t], prompts, multimask_output=multimask_output,
+                                   group_size=len(group))
+            yield idx, result, members[0].tile
 
 
 def segment_from_prompts_tiled(
@@ -125,11 +131,13 @@ def segment_from_prompts_tiled(
     boxes: Optional[np.ndarray] = None,
     mask_inputs: Optional[np.ndarray] = None,
     multimask_output: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> TiledPromptResult:
     """``segment_from_prompts`` on tiled embeddings: each object is decoded from its tile (see module doc).
 
     Prompts as in ``segment_from_prompts``, in full-image pixel coordinates (x, y); masks come back at
-    full-image size (o, k, H, W), zero outside each object's outer tile.
+    full-image size (o, k, H, W), zero outside each object's outer tile; ``batch_size`` objects per
+    decoder call.
     """
     # validates every prompt against the full image (shapes, labels, inside the image)
     build_decoder_inputs(tiled.original_shape, points=points, point_labels=point_labels, boxes=boxes,
@@ -151,7 +159,7 @@ def segment_from_prompts_tiled(
     scores = np.zeros((n, k), dtype=np.float32)
     low = None
     tiles = np.array([p.tile.index for p in placed], dtype=np.int64)
-    for idx, result, tile in _decode(model, tiled, placed, multimask_output):
+    for idx, result, tile in _decode(model, tiled, placed, multimask_output, batch_size):
         if low is None:
             low = np.zeros((n,) + result.low_res_logits.shape[1:], dtype=np.float32)
         ys, xs = tile.outer_slices
@@ -173,28 +181,31 @@ def _place_objects(tiled: TiledEmbeddings, objects: list) -> List[_Placed]:
     return placed
 
 
-def segment_objects_tiled(model: SamModel, tiled: TiledEmbeddings, objects: List[ObjectPrompt]) -> np.ndarray:
+def segment_objects_tiled(model: SamModel, tiled: TiledEmbeddings, objects: List[ObjectPrompt], *,
+                          batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """``segment_objects`` on tiled embeddings: (o, H, W) bool full-size masks in input order."""
     placed = _place_objects(tiled, objects)
     h, w = tiled.original_shape
     masks = np.zeros((len(placed), h, w), dtype=bool)
-    for idx, result, tile in _decode(model, tiled, placed, False):
+    for idx, result, tile in _decode(model, tiled, placed, False, batch_size):
         ys, xs = tile.outer_slices
         for j, i in enumerate(idx):
             masks[i, ys, xs] = result.masks[j, 0]
     return masks
 
 
-def label_objects_tiled(model: SamModel, tiled: TiledEmbeddings, objects: List[ObjectPrompt]) -> np.ndarray:
+def label_objects_tiled(model: SamModel, tiled: TiledEmbeddings, objects: List[ObjectPrompt], *,
+                        batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """``masks_to_labels(segment_objects_tiled(...))`` without the full-size masks of every object:
-    (H, W) uint32 labels 1..o, later objects drawn over earlier ones; memory O(image + objects x tile)."""
+    (H, W) uint32 labels 1..o, later objects drawn over earlier ones; memory O(image + batch_size x tile).
+
+    Batches come in (tile, prompt structure) order; drawing object i as ``max(label, i)`` gives every pixel
+    the last object in input order that covers it, whatever the order of drawing (masks_to_labels' rule).
+    """
     placed = _place_objects(tiled, objects)
-    local: List[Optional[np.ndarray]] = [None] * len(placed)
-    for idx, result, _ in _decode(model, tiled, placed, False):
-        for j, i in enumerate(idx):
-            local[i] = result.masks[j, 0]
     labels = np.zeros(tiled.original_shape, dtype=np.uint32)
-    for i, (obj, mask) in enumerate(zip(placed, local), start=1):
-        region = labels[obj.tile.outer_slices]
-        region[mask] = i
+    for idx, result, tile in _decode(model, tiled, placed, False, batch_size):
+        region = labels[tile.outer_slices]  # a view: drawing into it draws into labels
+        for j, i in enumerate(idx):
+            np.maximum(region, np.uint32(i + 1), out=region, where=result.masks[j, 0])
     return labels
