@@ -160,6 +160,37 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
     )
 
 
+def _check_replaceable(output_dir: Path, overwrite: bool) -> None:
+    """The overwrite rule: a new or empty folder is written; an existing family (family.yaml) is replaced only with
+    ``overwrite``; anything else (a file, a folder of other files) never, so no user file is deleted."""
+    if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
+        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output folder")
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    if not (output_dir / FAMILY_FILE).is_file():
+        raise FileExistsError(f"{output_dir} holds files but no {FAMILY_FILE}: an export only replaces a family "
+                              "folder (or an empty one); choose another output folder")
+    if not overwrite:
+        raise FileExistsError(f"{output_dir} holds a family already (pass --overwrite / overwrite=True to replace it)")
+
+
+def _swap_in(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    """Move the finished family into place: the old folder (checked again: it may have changed during the export)
+    is renamed aside first and removed only once the new one is in place, so a failure keeps the old family."""
+    _check_replaceable(output_dir, overwrite)
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    old = output_dir.with_name(f".{output_dir.name}-old-{os.getpid()}")
+    os.replace(output_dir, old)
+    try:
+        os.replace(staging, output_dir)
+    except BaseException:
+        os.replace(old, output_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_family(
     *,
     checkpoint: Union[str, os.PathLike, Checkpoint],
@@ -187,8 +218,7 @@ def export_family(
     if vit_t_attention_biases not in ("loaded", "micro_sam"):
         raise ValueError(f"vit_t_attention_biases must be 'loaded' or 'micro_sam', got {vit_t_attention_biases!r}")
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
+    _check_replaceable(output_dir, overwrite)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, model_type=model_type)
     if vit_t_attention_biases == "micro_sam":
         ckpt = as_micro_sam_infers(ckpt)
@@ -224,9 +254,7 @@ def export_family(
         }
         (staging / FAMILY_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
         staging.chmod(0o755)  # mkdtemp makes it private
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
+        _swap_in(staging, output_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

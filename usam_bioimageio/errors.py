@@ -7,7 +7,7 @@ working.
 from __future__ import annotations
 
 __all__ = [
-    "CacheMismatchError", "ChecksumError", "DownloadError", "PackageError", "SettingError",
+    "CacheMismatchError", "ChecksumError", "DownloadError", "InputError", "OutputError", "PackageError", "SettingError",
     "UntrustedPackageError", "UsageError", "UsamError",
 ]
 
@@ -31,6 +31,16 @@ class UntrustedPackageError(PackageError):
 
 class SettingError(UsamError, ValueError):
     """An environment variable (``usam_bioimageio.settings``) holds a value that cannot be used."""
+
+
+class InputError(UsamError, ValueError):
+    """An input file (image, prompt file, embeddings, cache) cannot be used: missing, unreadable, malformed, too
+    large, or made for other data."""
+
+
+class OutputError(UsamError, ValueError):
+    """An output cannot be written where it was asked for: an input, an existing file (without --overwrite), a
+    folder, an unwritable place or a format that cannot hold the result."""
 
 
 class CacheMismatchError(UsamError, ValueError):

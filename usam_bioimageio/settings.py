@@ -11,10 +11,15 @@ from usam_bioimageio.errors import SettingError
 __all__ = [
     "CACHE_ENV_VAR", "MAX_RATIO_ENV_VAR", "MAX_UNPACKED_ENV_VAR", "THREADS_ENV_VAR", "cache_dir",
     "max_compression_ratio", "max_unpacked_bytes", "num_threads",
+    "MAX_PIXELS_ENV_VAR", "max_pixels",
 ]
 
 CACHE_ENV_VAR = "USAM_CACHE_DIR"
 THREADS_ENV_VAR = "USAM_NUM_THREADS"
+MAX_PIXELS_ENV_VAR = "USAM_MAX_PIXELS"
+# 2^30 pixels (a 32768 x 32768 plane, 1024 slices of 1024 x 1024): real microscopy up to ~20k x 20k passes, while a
+# few-KB file declaring billions of pixels is refused before a byte is allocated
+DEFAULT_MAX_PIXELS = 2**30
 MAX_UNPACKED_ENV_VAR = "USAM_MAX_UNPACKED_BYTES"
 MAX_RATIO_ENV_VAR = "USAM_MAX_COMPRESSION_RATIO"
 # the largest package, vit_h's encoder in three weight formats, unpacks to ~7.7 GB (3 x 2.5 GB): 16 GiB leaves
@@ -64,3 +69,18 @@ def max_compression_ratio() -> float:
     """The largest uncompressed / compressed size of a zip member (of more than 1 MiB):
     ``$USAM_MAX_COMPRESSION_RATIO``, default 200."""
     return float(_positive(MAX_RATIO_ENV_VAR, DEFAULT_MAX_COMPRESSION_RATIO, float))
+
+
+def max_pixels() -> int:
+    """The most pixels an input image may have (y * x, times z for a stack; channels not counted), checked before
+    it is decoded: ``$USAM_MAX_PIXELS`` (a positive integer, e.g. ``4e9``), default 2^30."""
+    value = os.environ.get(MAX_PIXELS_ENV_VAR, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        number = int(float(value))
+    except (ValueError, OverflowError):
+        number = 0
+    if number <= 0:
+        raise SettingError(f"${MAX_PIXELS_ENV_VAR} must be a positive number of pixels, not {value!r}")
+    return number

@@ -9,7 +9,16 @@ from typing import Optional
 import numpy as np
 
 from usam_bioimageio.errors import UsageError
-from usam_bioimageio.cli.files import IMAGE_SUFFIXES, is_stack, load_embeddings_for, read_image, write_png, write_tiff
+from usam_bioimageio.cli.files import (
+    IMAGE_SUFFIXES,
+    Output,
+    check_embeddings_for,
+    check_outputs,
+    load_embeddings_for,
+    read_image_2d,
+    write_labels,
+    write_overlay,
+)
 
 
 def _image_jobs(args: argparse.Namespace) -> list:
@@ -42,12 +51,7 @@ def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], ar
     from usam_bioimageio.embeddings.compute import compute_embeddings
     from usam_bioimageio.embeddings.compute import compute_tiled_embeddings
 
-    if is_stack(image, False):
-        raise ValueError(f"usam {args.command} segments 2D images; got an array of shape {image.shape}")
     if embeddings is not None:
-        if args.tile_shape is not None:
-            raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
-                             "--embeddings")
         emb = load_embeddings_for(embeddings, image, model)
         if tuple(emb.original_shape) != image.shape[:2]:
             raise ValueError(f"embeddings are for an image of shape {emb.original_shape}, not {image.shape[:2]}")
@@ -84,18 +88,37 @@ def _run_automatic(args: argparse.Namespace, segment) -> int:
 
     if args.halo is not None and args.tile_shape is None:
         raise UsageError("--halo needs --tile-shape")
+    if args.embeddings and args.tile_shape is not None:
+        raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
+                         "--embeddings")
     jobs = _image_jobs(args)
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    # every output and the first image are checked before the model is loaded or anything is computed
+    outputs, inputs = [], [("--image", args.image), ("--embeddings", args.embeddings)]
+    if Path(args.image).is_dir():
+        outputs.append(Output("--out", Path(args.out), "folder"))
+        if args.overlay:
+            outputs.append(Output("--overlay", Path(args.overlay), "folder"))
+    for path, out, overlay_path, embeddings in jobs:
+        outputs.append(Output("--out", out, "labels"))
+        if overlay_path is not None:
+            outputs.append(Output("--overlay", overlay_path, "overlay"))
+        inputs += [("--image", path), ("--embeddings", embeddings)]
+    check_outputs(outputs, inputs, overwrite=args.overwrite)
     single = len(jobs) == 1
+    first = read_image_2d(jobs[0][0], f"usam {args.command}")
+    if jobs[0][3] is not None:
+        check_embeddings_for(jobs[0][3], first)
+    model = SamModel.load(args.model, weight_format=args.weight_format)
     summary = []
-    for path, out, overlay_path, embeddings in tqdm(jobs, desc=f"usam {args.command}", unit="image",
-                                                    disable=args.quiet or single):
-        image = read_image(str(path))
+    for k, (path, out, overlay_path, embeddings) in enumerate(tqdm(jobs, desc=f"usam {args.command}", unit="image",
+                                                                   disable=args.quiet or single)):
+        image = first if k == 0 else read_image_2d(path, f"usam {args.command}")
+        first = None  # not kept while the other images are processed
         emb = _embeddings_for_job(model, image, embeddings, args, progress=single and not args.quiet)
         labels = segment(model, image, emb, single and not args.quiet)
-        write_tiff(out, labels)
+        write_labels(out, labels)
         if overlay_path is not None:
-            write_png(overlay_path, overlay(image, labels))
+            write_overlay(overlay_path, overlay(image, labels))
         summary.append(f"wrote {out} ({int(labels.max())} objects)")
     print("\n".join(summary))
     return 0
@@ -133,7 +156,8 @@ def _add_automatic_parser(sub, name: str, func, helptext: str, presets) -> argpa
     p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
     p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...) or a folder of images")
-    p.add_argument("--out", required=True, help="label TIFF (uint32, 0 = background); a folder for a folder of images")
+    p.add_argument("--out", required=True, help="label image: .tif (uint32, 0 = background) or .png (16-bit, up to "
+                                                "65535 labels); a folder for a folder of images (NAME.tif)")
     p.add_argument("--embeddings", default=None,
                    help="precomputed embeddings: .npz or cache from `usam embed` (tiled too) or micro-sam's; for a "
                         "folder of images, the folder holding NAME.zarr (or NAME.npz) per image")
@@ -144,6 +168,7 @@ def _add_automatic_parser(sub, name: str, func, helptext: str, presets) -> argpa
     p.add_argument("--preset", default=None, choices=sorted(presets),
                    help="µSAM's per-model settings (default: µSAM's library defaults, see --help of each option)")
     p.add_argument("--overlay", default=None, help="also write a PNG overlay (a folder for a folder of images)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=func)
     return p

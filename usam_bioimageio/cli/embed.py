@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from usam_bioimageio.errors import UsageError
-from usam_bioimageio.cli.files import IMAGE_SUFFIXES, is_stack, read_image
+from usam_bioimageio.cli.files import IMAGE_SUFFIXES, Output, check_outputs, is_stack, read_image
 
 
 def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namespace, name: str) -> str:
@@ -23,6 +23,25 @@ def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namesp
     what = f"a stack of {len(emb)} slices" if stack else f"an image of shape {image.shape[:2]}"
     tiles = f", {len(emb.tiling)} tiles per image" if emb.tiling is not None else ""
     return f"{name}: {what}{tiles} -> {cache}"
+
+
+def _check_cache_data(cache: Path, image: np.ndarray) -> None:
+    """An existing cache of ours computed for other data is refused before the model is loaded (the full
+    signature, encoder included, is checked when the cache is opened)."""
+    from usam_bioimageio.embeddings.cache import EmbeddingCache, data_sha256, is_micro_sam_cache
+    from usam_bioimageio.errors import CacheMismatchError, InputError
+
+    if not cache.is_dir() or not any(cache.iterdir()) or is_micro_sam_cache(cache):
+        return
+    try:
+        stored = EmbeddingCache.read(cache).signature
+    except InputError:
+        raise
+    except (FileNotFoundError, ValueError):
+        return  # not a cache of ours: EmbeddingCache.open says why
+    if stored.get("data_sha256") != data_sha256(image):
+        raise CacheMismatchError(f"embedding cache {cache} was computed for another image (image data sha256 "
+                                 "differs). Use another cache path, or delete this one to recompute it")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -42,23 +61,32 @@ def cmd_embed(args: argparse.Namespace) -> int:
     elif args.out is not None:
         raise UsageError("give --out or --cache, not both")
 
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    # inputs and outputs are checked before the model is loaded: a mistake costs no encoder run
     if args.cache is None:
         image = read_image(args.image)
         if is_stack(image, False):
             raise UsageError(f"{args.image} holds a stack of shape {image.shape}: pass --cache PATH")
+        check_outputs([Output("--out", Path(args.out), "npz")], [("--image", source)], overwrite=args.overwrite)
+        model = SamModel.load(args.model, weight_format=args.weight_format)
         emb = compute_embeddings(model, image)
-        save_embeddings(Path(args.out), emb)
+        save_embeddings(Path(args.out), emb, image=image)
         print(f"wrote embeddings {emb.features.shape} to {args.out}")
         return 0
     cache = Path(args.cache)
+    # a cache is resumed (or refused when it was computed for something else), never replaced: no --overwrite
+    check_outputs([Output("--cache", cache, "cache")], [("--image", source)], overwrite=False)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+        model = SamModel.load(args.model, weight_format=args.weight_format)
         cache.mkdir(parents=True, exist_ok=True)
         for path in files:
             print(_embed_to_cache(model, read_image(str(path)), cache / f"{path.stem}.zarr", args, path.name))
         return 0
-    print(_embed_to_cache(model, read_image(args.image), cache, args, source.name))
+    image = read_image(args.image)
+    is_stack(image, args.stack)  # --stack on a 2D image: refused before the model is loaded
+    _check_cache_data(cache, image)
+    model = SamModel.load(args.model, weight_format=args.weight_format)
+    print(_embed_to_cache(model, image, cache, args, source.name))
     return 0

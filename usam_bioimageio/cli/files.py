@@ -1,64 +1,241 @@
-"""The files the CLI reads and writes: images (atomic TIFF / PNG writes), stacks, embeddings given with --embeddings."""
+"""The files the CLI reads and writes: the one output rule (checked before any computation), atomic label / overlay
+writes, images (one reader, one stack rule) and the embeddings given with --embeddings.
+
+The output rule, the same for every command: an output is never one of the command's inputs (compared as resolved
+paths and, for files that exist, ``os.path.samefile``) nor another output; its format follows its extension and
+must hold the result; it is not an existing folder; its folder (or the nearest one that exists) is writable; an
+existing output is replaced only with ``--overwrite``. Files are written to a hidden ``.part`` file beside the
+output and moved into place, and the ``.part`` file is removed when writing fails.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from usam_bioimageio.errors import UsageError
+from usam_bioimageio.errors import OutputError
+from usam_bioimageio.io.images import is_stack, read_image, read_image_2d
 
-
-def write_tiff(path: Path, labels: np.ndarray) -> None:
-    import tifffile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tifffile.imwrite(tmp, labels, compression="zlib")
-    tmp.replace(path)
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def read_image(path: str) -> np.ndarray:
-    from usam_bioimageio.io.images import read_image
-
-    return read_image(path)
-
+__all__ = ["IMAGE_SUFFIXES", "Output", "atomic_write", "check_embeddings_for", "check_label_count", "check_outputs",
+           "is_stack", "load_embeddings_for", "read_image", "read_image_2d", "write_labels", "write_overlay"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+LABEL_FORMATS = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG"}
+OVERLAY_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}
+MAX_PNG_LABEL = 65535  # 16-bit PNG
 
 
-def is_stack(image: np.ndarray, forced: bool) -> bool:
-    """A stack (z, y, x[, c]): with --stack, a 4D array, or a 3D array whose last axis is too long for channels."""
-    if forced:
-        if image.ndim not in (3, 4):
-            raise UsageError(f"--stack needs a (z, y, x) or (z, y, x, c) image, got shape {image.shape}")
-        return True
-    return image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
+@dataclass(frozen=True)
+class Output:
+    """An output the command will write: ``kind`` is labels, overlay, npz, report (a folder), folder (of outputs)
+    or cache (a folder that is resumed, never replaced)."""
+
+    option: str
+    path: Path
+    kind: str
+
+
+def _identity(path: Path):
+    """(device, inode) of an existing path (the same file under two names: os.path.samefile), else None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_format(out: Output) -> None:
+    suffix = out.path.suffix.lower()
+    if out.kind == "labels" and suffix not in LABEL_FORMATS:
+        raise OutputError(f"{out.option} {out.path}: label images are written as TIFF (.tif, .tiff) or PNG (.png, "
+                          f"up to {MAX_PNG_LABEL} labels), not {suffix or 'a file without suffix'}")
+    if out.kind == "overlay" and suffix not in OVERLAY_FORMATS:
+        raise OutputError(f"{out.option} {out.path}: overlays are written as PNG (.png) or TIFF (.tif, .tiff), not "
+                          f"{suffix or 'a file without suffix'}")
+    if out.kind == "npz" and suffix != ".npz":
+        raise OutputError(f"{out.option} {out.path}: embeddings are written as .npz, not "
+                          f"{suffix or 'a file without suffix'}")
+
+
+def _check_writable(out: Output, checked: set) -> None:
+    """The nearest existing folder of ``out`` must be a folder we can create files in (a real probe: root passes
+    every permission check, not a read-only file system)."""
+    folder = out.path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder in checked:
+        return
+    checked.add(folder)
+    if not folder.is_dir():
+        raise OutputError(f"{out.option} {out.path}: {folder} is a file, not a folder; choose another output path")
+    probe = folder / f".usam-write-test.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        probe.open("xb").close()
+    except OSError as err:
+        raise OutputError(f"{out.option} {out.path}: cannot write in {folder} ({err.strerror or err}); choose a "
+                          "folder you can write to") from None
+    else:
+        probe.unlink(missing_ok=True)
+
+
+REPORT_FILES = ("report.md", "results.json")
+
+
+def check_outputs(outputs: Iterable[Output], inputs: Iterable[Tuple[str, Optional[os.PathLike]]], *,
+                  overwrite: bool) -> None:
+    """The output rule (module doc) for every output, before anything is computed; OutputError names the option,
+    the path and what to do. ``inputs``: (option, path or None) of every file or folder the command reads."""
+    outputs = list(outputs)
+    known: dict = {}  # resolved path or (device, inode) -> ("input" | "output", option)
+    for option, p in inputs:
+        if p is not None:
+            for key in (Path(p).resolve(), _identity(Path(p))):
+                if key is not None:
+                    known.setdefault(key, ("input", option))
+    checked: set = set()
+    for out in outputs:
+        _check_format(out)
+        for key in (out.path.resolve(), _identity(out.path)):
+            if key is None or key not in known:
+                continue
+            role, option = known[key]
+            if role == "input":
+                raise OutputError(f"{out.option} {out.path} is the {option} input: usam never writes over its "
+                                  "inputs; choose another output path")
+            raise OutputError(f"{out.option} and {option} are the same file {out.path}: give them different paths")
+        for key in (out.path.resolve(), _identity(out.path)):
+            if key is not None:
+                known[key] = ("output", out.option)
+        path = out.path
+        if out.kind in ("report", "cache", "folder"):
+            if path.exists() and not path.is_dir():
+                raise OutputError(f"{out.option} {path} is a file; it must be a folder (a new path, or an existing "
+                                  "folder)")
+            if out.kind == "report" and not overwrite and any((path / name).exists() for name in REPORT_FILES):
+                raise OutputError(f"{out.option} {path} holds a report already: pass --overwrite to replace it, "
+                                  "or choose another folder")
+        elif path.is_dir():
+            raise OutputError(f"{out.option} {path} is a folder; give a file path (e.g. {path / 'labels.tif'})"
+                              if out.kind == "labels" else f"{out.option} {path} is a folder; give a file path")
+        elif (path.exists() or path.is_symlink()) and not overwrite:
+            raise OutputError(f"{out.option} {path} exists: pass --overwrite to replace it, or choose another path")
+        _check_writable(out, checked)
+
+
+def check_label_count(out: Output, n_labels: int) -> None:
+    """A PNG holds labels up to 65535; refuse before computing when the count is known (``usam segment``)."""
+    if out.path.suffix.lower() == ".png" and n_labels > MAX_PNG_LABEL:
+        raise OutputError(f"{out.option} {out.path}: {n_labels} objects do not fit a 16-bit PNG (at most "
+                          f"{MAX_PNG_LABEL} labels): write a .tif instead")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a hidden ``.part`` file beside ``path``, then move it into place; the ``.part`` file is
+    removed whatever happens."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_labels(path: Path, labels: np.ndarray, option: str = "--out") -> None:
+    """Labels as TIFF (.tif / .tiff; uint32, zlib) or PNG (.png; 16-bit, only up to 65535 labels)."""
+    path = Path(path)
+    fmt = LABEL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        _check_format(Output(option, path, "labels"))
+    if fmt == "PNG":
+        top = int(labels.max()) if labels.size else 0
+        if top > MAX_PNG_LABEL:
+            raise OutputError(f"{option} {path}: {top} labels do not fit a 16-bit PNG (at most {MAX_PNG_LABEL}): "
+                              "write a .tif instead")
+
+        def write(tmp: Path) -> None:
+            from PIL import Image
+
+            Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16)).save(tmp, format="PNG")
+    else:
+        def write(tmp: Path) -> None:
+            import tifffile
+
+            tifffile.imwrite(tmp, labels, compression="zlib")
+    atomic_write(path, write)
+
+
+def write_overlay(path: Path, rgb: np.ndarray) -> None:
+    """An RGB overlay as PNG or TIFF, by the extension."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        if OVERLAY_FORMATS.get(path.suffix.lower()) == "TIFF":
+            import tifffile
+
+            tifffile.imwrite(tmp, rgb, photometric="rgb")
+        else:
+            from PIL import Image
+
+            Image.fromarray(rgb).save(tmp, format="PNG")
+    atomic_write(path, write)
+
+
+def check_embeddings_for(path: Path, image: np.ndarray) -> None:
+    """--embeddings: refuse, before any model is loaded, an .npz or cache of another image (or that cannot be read)."""
+    from usam_bioimageio.embeddings.npz import load_embeddings
+    from usam_bioimageio.errors import InputError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no embeddings at {path}: give an .npz of `usam embed --out` or a cache folder of "
+                         "`usam embed --cache`")
+    if not path.is_dir():
+        emb = load_embeddings(path, image=image)
+        _check_shape(path, emb.original_shape, image)
+        return
+    from usam_bioimageio.embeddings.cache import EmbeddingCache, data_sha256, is_micro_sam_cache
+
+    if is_micro_sam_cache(path):
+        return  # micro-sam's caches record a sha1 of their own; their shapes are checked once loaded
+    cache = EmbeddingCache.read(path)
+    if cache.signature.get("data_sha256") != data_sha256(image):
+        raise InputError(f"the embedding cache {path} was computed for another image than {image.shape} "
+                         f"{image.dtype} read from the --image file: give that image's cache, or compute one with "
+                         "`usam embed --cache`")
+    if cache.signature.get("kind") == "stack":
+        raise InputError(f"{path} holds embeddings of a stack; this command segments one 2D image")
+
+
+def _check_shape(path: Path, shape: Sequence[int], image: np.ndarray) -> None:
+    if tuple(shape) != image.shape[:2]:
+        from usam_bioimageio.errors import InputError
+
+        raise InputError(f"embeddings {path} are for an image of shape {tuple(shape)}, not {image.shape[:2]}")
 
 
 def load_embeddings_for(path: Path, image: np.ndarray, model):
-    """--embeddings: an .npz of ``usam embed --out`` or a cache folder (ours or micro-sam's)."""
+    """--embeddings: an .npz of ``usam embed --out`` or a cache folder (ours or micro-sam's), checked against the
+    image (``check_embeddings_for``)."""
+    from usam_bioimageio.embeddings.cache import load_cache
     from usam_bioimageio.embeddings.npz import load_embeddings
+    from usam_bioimageio.errors import InputError
 
+    path = Path(path)
+    check_embeddings_for(path, image)
     if not path.is_dir():
-        return load_embeddings(path)
-    from usam_bioimageio.embeddings.cache import EmbeddingCache, data_sha256, is_micro_sam_cache, load_cache
-
-    if not is_micro_sam_cache(path):
-        signature = EmbeddingCache.read(path).signature
-        if signature["data_sha256"] != data_sha256(image):
-            raise ValueError(f"the embedding cache {path} was computed for another image than {image.shape} "
-                             f"{image.dtype} read from the --image file")
+        return load_embeddings(path, image=image)
     stack = load_cache(path, model=model)
     if stack.is_stack:
-        raise ValueError(f"{path} holds embeddings of a stack; `usam segment` segments one 2D image")
-    return stack[0]
+        raise InputError(f"{path} holds embeddings of a stack; this command segments one 2D image")
+    emb = stack[0]
+    if tuple(emb.original_shape) != image.shape[:2]:
+        raise InputError(f"embeddings {path} are for an image of shape {tuple(emb.original_shape)}, not "
+                         f"{image.shape[:2]}")
+    return emb

@@ -19,6 +19,9 @@ from usam_bioimageio.errors import UsageError, UsamError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usam", description="Segment Anything for Microscopy as bioimage.io packages.")
     parser.add_argument("--version", action="version", version=f"usam {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message (before the command: "
+                             "usam --debug segment ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="checkpoint -> bioimage.io packages (image encoder, prompt decoder)")
@@ -69,13 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--quiet", action="store_true", help="no progress bar")
         else:
             p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...)")
-            p.add_argument("--out", required=True, help="output file")
+            p.add_argument("--out", required=True, help="label image: .tif (uint32, 0 = background) or .png (16-bit, "
+                                                        "up to 65535 objects)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
         p.set_defaults(func=func)
     p.add_argument("--prompts", required=True, help="prompts as JSON or CSV (see usam_bioimageio.prompting.predict.read_prompts)")
     p.add_argument("--embeddings", default=None,
                    help="precomputed embeddings: .npz from `usam embed --out`, or a cache folder from "
                         "`usam embed --cache` (tiled too) or micro-sam's precompute_image_embeddings")
-    p.add_argument("--overlay", default=None, help="also write a PNG overlay of the labels")
+    p.add_argument("--overlay", default=None, help="also write an overlay of the labels (.png or .tif)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_automatic_parsers(sub)
 
@@ -97,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-iterations", type=int, default=8, help="interactive rounds (start + corrections)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
     return parser
@@ -110,8 +116,12 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """``usam``: one error policy for every verb. Errors a user can cause (our ``UsamError``s, bad values,
     files: ``ValueError``, ``OSError``) are one line on stderr and exit status 1; options that do not go together
-    exit with 2, as argparse's usage errors do."""
+    exit with 2, as argparse's usage errors do. Anything else is a bug of ours: one line saying so, exit 1.
+    ``usam --debug ...`` re-raises every error, to show its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = False
+    while argv[:1] == ["--debug"]:  # a global flag, before the verb (train has a parser of its own)
+        debug, argv = True, argv[1:]
     if argv[:1] == ["train"]:  # its own parser (argparse REMAINDER would swallow nothing before --help)
         command = "train"
 
@@ -128,15 +138,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             return args.func(args)
     try:
         return run()
-    except UsageError as err:
-        print(f"usam {command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except (UsamError, ValueError, OSError) as err:
-        print(f"usam {command}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(f"usam {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, UsageError):
+            print(f"usam {command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        if isinstance(err, (UsamError, ValueError, OSError)):
+            print(f"usam {command}: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+        if isinstance(err, MemoryError):
+            print(f"usam {command}: error: out of memory (a smaller image, or tiles with --tile-shape, need less)",
+                  file=sys.stderr)
+            return 1
+        print(f"usam {command}: internal error: {type(err).__name__}: {_one_line(err)} (a bug in usam; run "
+              f"`usam --debug {command} ...` for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

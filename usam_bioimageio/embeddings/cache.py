@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from usam_bioimageio.embeddings.types import StackEmbeddings, Tiling
-from usam_bioimageio.errors import CacheMismatchError
+from usam_bioimageio.errors import CacheMismatchError, InputError
 from usam_bioimageio.runtime.model import SamModel
 
 ATTR = "usam_embedding_cache"
@@ -179,12 +179,10 @@ class EmbeddingCache:
     @classmethod
     def read(cls, path) -> "EmbeddingCache":
         """Open an existing cache for reading (no signature to check it against)."""
-        zarr = _zarr()
         path = Path(path)
         if not (path.is_dir() and _is_zarr_dir(path)):
             raise FileNotFoundError(f"no embedding cache at {path}")
-        group = zarr.open_group(str(path), mode="r")
-        attrs = group.attrs.asdict() if hasattr(group.attrs, "asdict") else dict(group.attrs)
+        group, attrs = _open_for_reading(path)
         if ATTR not in attrs:
             raise ValueError(f"{path} is not a usam embedding cache")
         cls._check_format(path, attrs[ATTR])
@@ -236,7 +234,11 @@ class EmbeddingCache:
         if not self._flag(z, t):
             raise ValueError(f"embedding cache {self.path}: item (slice {z}, tile {t}) is not complete; "
                              "run the computation again with this cache to finish it")
-        return np.asarray(self._group["features"][z, t])
+        try:
+            return np.asarray(self._group["features"][z, t])
+        except Exception as err:  # a damaged chunk: the codecs raise many types
+            raise InputError(f"embedding cache {self.path}: item (slice {z}, tile {t}) cannot be read "
+                             f"({type(err).__name__}: {err}); delete the cache and compute it again") from None
 
     def value(self) -> StackEmbeddings:
         """The cached embeddings (read on access); ValueError if items are missing."""
@@ -251,12 +253,22 @@ class EmbeddingCache:
                                self.get, is_stack=sig["kind"] == "stack")
 
 
+def _open_for_reading(path: Path):
+    """(group, attrs) of the zarr group at ``path``; InputError for damaged metadata."""
+    try:
+        group = _zarr().open_group(str(path), mode="r")
+        return group, (group.attrs.asdict() if hasattr(group.attrs, "asdict") else dict(group.attrs))
+    except Exception as err:  # zarr raises many types for damaged or foreign metadata
+        raise InputError(f"embedding cache {path} cannot be opened ({type(err).__name__}: {err}); delete it and "
+                         "compute it again") from None
+
+
 def is_micro_sam_cache(path) -> bool:
     path = Path(path)
     if not (path.is_dir() and _is_zarr_dir(path)):
         return False
-    group = _zarr().open_group(str(path), mode="r")
-    return ATTR not in group.attrs and "features" in group
+    group, attrs = _open_for_reading(path)
+    return ATTR not in attrs and "features" in group
 
 
 def load_cache(path, *, model: Optional[SamModel] = None) -> StackEmbeddings:
