@@ -656,3 +656,27 @@ def test_fuzz_rdf_text(tmp_path, text):
         load_family(family)
     except UsamError:
         pass
+
+
+@functools.lru_cache(maxsize=None)
+def _zip_bytes() -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return _zip(make_package(Path(tmp) / "p"), Path(tmp) / "p.zip").read_bytes()
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       cut=st.none() | st.integers(0, 10**6))
+def test_fuzz_corrupted_package_zip(tmp_path, cache, edits, cut):
+    data = bytearray(_zip_bytes())
+    for index, value in edits:
+        data[index % len(data)] = value
+    path = tmp_path / "fuzz.zip"
+    path.write_bytes(bytes(data[: None if cut is None else cut % len(data)]))
+    for check in (load_package, read_package_rdf):
+        try:
+            check(path)
+        except UsamError:
+            pass

@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -50,6 +51,9 @@ MAX_RDF_BYTES = 16 * 2**20  # our rdf.yaml files are ~10 kB; a huge one is not a
 _RATIO_MIN_BYTES = 1 << 20  # tiny members (a 0-byte file, a small mask) compress far better than 200:1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
+# what reading a broken zip raises besides BadZipFile: a corrupt deflate stream, an encrypted member
+# (RuntimeError), an unknown compression method (NotImplementedError), a truncated member (EOFError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -367,7 +371,7 @@ def check_zip(zf: zipfile.ZipFile, where: str) -> List[zipfile.ZipInfo]:
     total = 0
     for info in members:
         p = PurePosixPath(info.filename)
-        if (p.is_absolute() or ".." in p.parts or "\\" in info.filename or ":" in info.filename
+        if (not p.parts or p.is_absolute() or ".." in p.parts or "\\" in info.filename or ":" in info.filename
                 or "\0" in info.filename):
             raise UntrustedPackageError(f"refusing zip member with unsafe path {info.filename!r} in {where}")
         if info.filename in seen:
@@ -433,7 +437,7 @@ def read_package_rdf(source: Union[str, os.PathLike], *, allow_code: bool = Fals
                     raise PackageError(f"{path} holds no rdf.yaml / bioimageio.yaml: not a bioimage.io package")
                 rdfs = [_parse_member(zf, name, str(path), runtime=False, allow_code=allow_code) for name in found]
                 return rdfs[0]
-        except zipfile.BadZipFile as err:
+        except (*_ZIP_ERRORS, OSError) as err:  # OSError: a seek to an offset a corrupt header gives
             raise PackageError(f"{path} is not a valid zip (truncated or corrupt): {err}") from err
     if path.suffix == ".zip":
         raise PackageError(f"{path} is not a valid zip (truncated or corrupt)")
@@ -475,7 +479,7 @@ def _unpack_zip(path: Path) -> Path:
             _rdf_in_zip(zf, str(path))  # refused before a byte is unpacked
             _extract(zf, members, tmp, str(path))  # zipfile checks each member's CRC
         os.replace(tmp, target)
-    except (zipfile.BadZipFile, EOFError, NotImplementedError) as err:  # NotImplementedError: compression method
+    except _ZIP_ERRORS as err:
         raise PackageError(f"{path} is not a valid zip (truncated or corrupt): {err}") from err
     except OSError as err:
         if target.is_dir():  # another process unpacked it first
