@@ -306,6 +306,15 @@ def test_weights_symlinked_out_of_the_package_are_refused(tmp_path):
         load_package(folder)
 
 
+def test_validate_refuses_files_symlinked_out_of_the_package(tmp_path, capsys):
+    folder = make_package(tmp_path / "p")
+    secret = tmp_path / "secret.npy"
+    shutil.move(folder / "test_input_x.npy", secret)
+    (folder / "test_input_x.npy").symlink_to(secret)
+    code, err = _cli(["validate", folder], capsys)
+    assert code == 1 and "inputs[0].test_tensor 'test_input_x.npy' leads outside the package" in err, err
+
+
 def test_remote_rdf_pointing_at_a_local_file_is_refused(tmp_path, cache):
     secret = tmp_path / "secret.onnx"
     secret.write_bytes(_onnx_bytes())

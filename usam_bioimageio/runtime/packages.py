@@ -303,7 +303,7 @@ def check_rdf(rdf: Mapping, where: str, *, runtime: bool = True, allow_code: boo
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())  # a symlink out of the package does not count
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop
         return False
     return True
 
@@ -425,6 +425,12 @@ def read_package_rdf(source: Union[str, os.PathLike], *, allow_code: bool = Fals
         if not found:
             raise PackageError(f"{path} holds no rdf.yaml / bioimageio.yaml: not a bioimage.io package")
         rdfs = [_read_rdf(path / name, runtime=False, allow_code=allow_code) for name in found]  # each checked
+        for name, rdf in zip(found, rdfs):
+            for field_name, value in _file_sources(rdf, name):
+                file = path / value
+                if (file.exists() or file.is_symlink()) and not _inside(file, path):  # a zip holds no symlinks
+                    raise UntrustedPackageError(f"{path / name}: {field_name} {value!r} leads outside the package "
+                                                f"({file.resolve()}): refusing to read it")
         return rdfs[0]
     if not path.is_file():
         raise PackageError(f"no package at {path}")
