@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (("embed", cmd_embed, "compute image embeddings (.npz, or a cache for large "
                                                        "images, stacks and folders)"),
-                                 ("segment", cmd_segment, "segment objects from prompts -> label TIFF")):
+                                 ("segment", cmd_segment, "segment objects from prompts -> label image (TIFF or PNG)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
         p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])

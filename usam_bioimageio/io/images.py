@@ -154,5 +154,5 @@ def read_image_2d(path: Union[str, Path], command: str = "usam segment") -> np.n
     if is_stack(image):
         raise InputError(f"{path} holds a stack of {image.shape[0]} slices (shape {image.shape}), not a 2D image: "
                          f"{command} segments one 2D image; save one slice per file (or embed the stack with "
-                         "`usam embed --cache`)")
+                         "`usam embed --cache`); if the first axis holds channels, save them last (y, x, c)")
     return image
