@@ -64,6 +64,28 @@ def vit_b_family(tmp_path_factory, usam_cache, data_dir):
     return _export(tmp_path_factory, "vit_b", formats=("onnx",), test=False)
 
 
+def vit_b_two_blocks():
+    """vit_b's ViT encoder cut to its first windowed and first global-attention block: every code path of the ViT
+    encoders (vit_b / vit_l / vit_h: patch embedding, absolute and decomposed relative positions, windowed and
+    global attention, neck) at a sixth of vit_b's cost."""
+    import dataclasses
+
+    from usam_bioimageio import registry
+
+    return dataclasses.replace(registry.ARCHITECTURES["vit_b"], depth=2, global_attn_indexes=(1,))
+
+
+@pytest.fixture(scope="session")
+def vit_b_two_block_family(tmp_path_factory, usam_cache, data_dir):
+    """(family folder, state dict) of a seeded ``vit_b_two_blocks()`` exported as model type vit_b (ONNX, not
+    gated): the registry entry is replaced only while the family is built and exported."""
+    from usam_bioimageio import registry
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry.ARCHITECTURES, "vit_b", vit_b_two_blocks())
+        return _export(tmp_path_factory, "vit_b", formats=("onnx",), test=False)
+
+
 def real_images():
     """A few real images of several sizes and dtypes: (name, array)."""
     import tifffile

@@ -29,11 +29,20 @@ def mobile_sam():
     return importlib.import_module("mobile_sam")
 
 
-def build_reference_sam(model_type: str, state_dict=None):
-    """Build the reference ``Sam`` for ``model_type`` and optionally load ``state_dict`` strictly."""
+def build_reference_sam(model_type: str, state_dict=None, *, architecture=None):
+    """Build the reference ``Sam`` for ``model_type`` and optionally load ``state_dict`` strictly.
+
+    ``architecture`` (a ``registry.Architecture`` of a ViT encoder): build segment_anything's SAM with these
+    encoder hyper-parameters instead of the registry's (e.g. vit_b cut to fewer blocks)."""
     if model_type == "vit_t":
         pkg = mobile_sam()
         model = pkg.sam_model_registry["vit_t"]()
+    elif architecture is not None:
+        segment_anything()  # the stand-ins first
+        builder = importlib.import_module("segment_anything.build_sam")
+        model = builder._build_sam(encoder_embed_dim=architecture.embed_dim, encoder_depth=architecture.depth,
+                                   encoder_num_heads=architecture.num_heads,
+                                   encoder_global_attn_indexes=list(architecture.global_attn_indexes))
     else:
         pkg = segment_anything()
         model = pkg.sam_model_registry[model_type]()

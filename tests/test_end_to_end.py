@@ -18,8 +18,8 @@ from usam_bioimageio.prompting.predict import segment_from_prompts
 FORMATS = ("onnx", "torchscript")
 
 
-def _reference(state, model_type):
-    return reference_predictor(build_reference_sam(model_type, state))
+def _reference(state, model_type, architecture=None):
+    return reference_predictor(build_reference_sam(model_type, state, architecture=architecture))
 
 
 def _objects(image, n=3, seed=0):
@@ -36,10 +36,10 @@ def _agreement(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(ours == ref))
 
 
-def _check_embeddings(family, state, model_type, images, formats=FORMATS):
+def _check_embeddings(family, state, model_type, images, formats=FORMATS, architecture=None):
     """Embeddings of every format equal the predictor's for each image (one reference run per image).
     Returns the predictor (set to the last image) and the first format's model and embeddings of that image."""
-    predictor = _reference(state, model_type)
+    predictor = _reference(state, model_type, architecture)
     models = {fmt: SamModel.load(family, weight_format=fmt) for fmt in formats}
     for name, image in images:
         predictor.set_image(usam_to_image(image))
@@ -59,19 +59,31 @@ def test_vit_t_embeddings_equal_sampredictor(vit_t_family):
     _check_embeddings(family, state, "vit_t", real_images())
 
 
-def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
-    family, state = vit_b_family
+def _check_vit_b(family, state, architecture=None):
     images = real_images()
     # RGB 360^2 (upscaling); its predictor state and embeddings are then used for the masks (the antialiased
     # downscaling of large images is the same graph code for every model type: compared on vit_t's 4 images
     # here, and on vit_b's 1305x1009 image in the slow gated vit_b test)
-    predictor, model, emb = _check_embeddings(family, state, "vit_b", [images[2]], formats=("onnx",))
+    predictor, model, emb = _check_embeddings(family, state, "vit_b", [images[2]], formats=("onnx",),
+                                              architecture=architecture)
     image = images[2][1]
     centers, boxes = _objects(image)
     for c, b in zip(centers, boxes):
         ref, _, _ = predictor.predict(point_coords=c[None], point_labels=np.array([1]), box=b, multimask_output=False)
         ours = segment_from_prompts(model, emb, points=c[None], point_labels=[1], boxes=b)
         assert _agreement(ours.masks[0], ref) >= 0.9999
+
+
+def test_vit_encoder_embeddings_and_masks_equal_sampredictor(vit_b_two_block_family):
+    """CI: the ViT encoders' export (vit_b / vit_l / vit_h share its code) on vit_b cut to two blocks."""
+    from conftest import vit_b_two_blocks
+
+    _check_vit_b(*vit_b_two_block_family, architecture=vit_b_two_blocks())
+
+
+@pytest.mark.slow  # ~4.5 min on 2 cores (vit_b's ONNX export and two vit_b encoder runs); CI: the two-block vit_b
+def test_vit_b_embeddings_and_masks_equal_sampredictor(vit_b_family):
+    _check_vit_b(*vit_b_family)
 
 
 @pytest.mark.slow  # ~9 min on 2 cores: vit_b exported with the bioimageio.core gate for both formats

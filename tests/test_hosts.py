@@ -47,6 +47,13 @@ def test_package_runs_in_host(host_report, runtime, kind):
 
 
 @pytest.mark.hosts
+@pytest.mark.parametrize("kind", KINDS)
+def test_bioengine_core_gates_every_package(host_report, kind):
+    """CI's bioimageio.core gate: BioEngine's core runs test_model on every package (the AIS package too)."""
+    assert host_report["runtimes"][host_check.GATE_RUNTIME][kind]["test_model"] == "passed"
+
+
+@pytest.mark.hosts
 @pytest.mark.parametrize("parser", list(host_check.PARSERS))
 def test_descriptions_valid_for_newest_spec(host_report, parser):
     for kind in KINDS:
