@@ -20,7 +20,7 @@ RANKS = {
     "embeddings": 2,
     "prompting": 3,
     "automatic": 4,
-    "evaluation": 5, "training": 5, "usam_exporters": 5,
+    "evaluation": 5, "training": 5, "usam_exporters": 5, "volumes": 5, "tracking": 5,
     "cli": 6,
 }
 # torch modules: only for the exporters, training and modeling itself
@@ -71,6 +71,12 @@ def test_every_module_says_what_it_holds():
     for module, path in MODULES.items():
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
         assert doc and len(doc.splitlines()[0]) > 10, f"{module}: the first line must say what the module holds"
+
+
+def test_every_folder_has_a_rank():
+    """A new folder must be placed in RANKS (or be modeling), so that its imports are checked."""
+    unranked = {_group(m) for m in MODULES} - set(RANKS) - {"modeling", "__init__", "__main__"}
+    assert not unranked, f"add {sorted(unranked)} to RANKS"
 
 
 def test_imports_point_one_way():
