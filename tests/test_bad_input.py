@@ -192,7 +192,14 @@ def case(name, rc=1):
 def _image_case(name, make, message, suffix=".tif", command="segment"):
     def fn(ws):
         path = ws.write(f"bad{suffix}", make())
-        argv = ws.segment(image=Path(path).name) if command == "segment" else ws.auto(command, image=Path(path).name)
+        if command == "segment":
+            argv = ws.segment(image=Path(path).name)
+        elif command == "ais-folder":  # the image alone in a folder
+            os.makedirs(ws.root / "images", exist_ok=True)
+            os.replace(path, ws.root / "images" / Path(path).name)
+            argv = ws.auto("ais", image="images", out="out")
+        else:
+            argv = ws.auto(command, image=Path(path).name)
         return argv, message
     case(f"image-{name}")(fn)
 
@@ -227,8 +234,7 @@ _image_case("int64-near-9e18", lambda: (9 * 10**18 + np.arange(H * W, dtype=np.i
 _image_case("float64-tiny-range", lambda: 1.0 + np.linspace(0, 1e-12, H * W).reshape(H, W), "collapses in float32")
 _image_case("nan-in-ais", lambda: np.full((H, W), np.nan, np.float32), "NaN or infinite", command="ais")
 _image_case("stack-8-slices", stack8, "stack of 8 slices")
-_image_case("stack-in-ais", stack8, "stack of 8 slices", command="ais")
-_image_case("stack-in-amg", stack8, "stack of 8 slices", command="amg")
+_image_case("stack-in-ais-folder", stack8, "stack of 8 slices", command="ais-folder")  # a folder holds 2D images
 _image_case("5d", lambda: np.zeros((2, 2, 2, 16, 16), np.uint8), "images are (y, x)")
 _image_case("4d-7-channels", lambda: np.zeros((2, 16, 16, 7), np.uint8), "at most 4 channels")
 _image_case("1d", lambda: np.arange(64, dtype=np.uint8), "images are (y, x)")
@@ -649,6 +655,20 @@ def _(ws):
     write_cache(ws.root / "c.zarr", stack, stack=True)
     ws.write("slice.tif", stack[0])
     return ws.segment("--embeddings", ws.p("c.zarr"), image="slice.tif"), "computed for another image"
+
+
+@case("stack-in-ais-to-png")
+def _(ws):
+    ws.write("stack.tif", stack8())
+    return ws.auto("ais", image="stack.tif", out="labels.png"), "3D TIFF"
+
+
+@case("stack-in-amg-cache-of-5-slices")
+def _(ws):
+    stack = stack8()
+    ws.write("stack.tif", stack)
+    write_cache(ws.root / "c.zarr", stack[:5], stack=True)
+    return ws.auto("amg", "--embeddings", ws.p("c.zarr"), image="stack.tif"), "holds 5 slices"
 
 
 @case("embed-cache-of-another-image")

@@ -1,4 +1,5 @@
-"""`usam ais` and `usam amg`: automatic segmentation of an image or a folder of images, and their options."""
+"""`usam ais` and `usam amg`: automatic segmentation of an image, a folder of images or a 3D TIFF (per slice, merged
+across z), and their options."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from typing import Optional
 
 import numpy as np
 
-from usam_bioimageio.errors import UsageError
+from usam_bioimageio.errors import OutputError, UsageError
 from usam_bioimageio.cli.files import (
     IMAGE_SUFFIXES,
     Output,
     check_embeddings_for,
     check_outputs,
+    check_stack_embeddings_for,
+    is_stack,
     load_embeddings_for,
+    load_stack_embeddings_for,
+    read_image,
     read_image_2d,
     write_labels,
     write_overlay,
@@ -62,7 +67,7 @@ def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], ar
     return compute_embeddings(model, image)
 
 
-def _override(params, args: argparse.Namespace, names):
+def override(params, args: argparse.Namespace, names):
     """Parameters with the options the user gave (None = keep the preset / default)."""
     import dataclasses
 
@@ -79,8 +84,45 @@ AMG_OPTIONS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stabil
                "min_mask_region_area")
 
 
-def _run_automatic(args: argparse.Namespace, segment) -> int:
-    """Shared driver of ``usam ais`` / ``usam amg``: ``segment(model, image, embeddings, progress)`` -> labels."""
+def run_volume(args: argparse.Namespace, volume: np.ndarray, method: str, params) -> int:
+    """``usam ais`` / ``usam amg`` on a stack (z, y, x[, c]) already read and checked: its outputs are checked here
+    (a 3D label image is a TIFF; no overlay), then the model is loaded, the volume segmented and written."""
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.volumes.automatic import segment_volume
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise OutputError(f"--out {out}: the labels of a stack ({volume.shape[0]} slices) are a 3D TIFF (.tif), "
+                          f"not {out.suffix or 'a file without suffix'}")
+    if args.overlay:
+        raise UsageError(f"--overlay draws one 2D image; {args.image} holds a stack of {volume.shape[0]} slices")
+    if args.embeddings:
+        check_stack_embeddings_for(Path(args.embeddings), volume)
+    model = SamModel.load(args.model, weight_format=args.weight_format)
+    embeddings = load_stack_embeddings_for(Path(args.embeddings), volume, model) if args.embeddings else None
+    halo = args.halo if args.halo is not None or args.tile_shape is None else (0, 0)
+    labels = segment_volume(model, volume, method=method, params=params, embeddings=embeddings,
+                            min_object_size=getattr(args, "min_object_size", 0), gap_closing=args.gap_closing,
+                            min_z_extent=args.min_z_extent, tile_shape=args.tile_shape, halo=halo,
+                            progress=not args.quiet)
+    write_labels(out, labels)
+    print(f"wrote {out} ({int(labels.max()) if labels.size else 0} objects in {volume.shape[0]} slices)")
+    return 0
+
+
+def add_volume_options(p: argparse.ArgumentParser) -> None:
+    """The automatic-3D options of ``usam ais`` / ``usam amg`` (used only when --image is a stack)."""
+    g = p.add_argument_group("3D TIFF (z, y, x): each slice is segmented, then merged across z (µSAM's "
+                             "merge_instance_segmentation_3d; a 1-slice stack is that slice's labels)")
+    g.add_argument("--gap-closing", type=int, default=None, metavar="N",
+                   help="close gaps of up to N slices along z before merging (default: off, as µSAM)")
+    g.add_argument("--min-z-extent", type=int, default=None, metavar="N",
+                   help="remove objects spanning fewer than N slices (default: off, as µSAM)")
+
+
+def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> int:
+    """Shared driver of ``usam ais`` / ``usam amg``: ``segment(model, image, embeddings, progress)`` -> labels; one
+    file holding a stack (z, y, x) is segmented in 3D (``method``, ``params``: :func:`run_volume`)."""
     from tqdm import tqdm
 
     from usam_bioimageio.runtime.model import SamModel
@@ -105,7 +147,15 @@ def _run_automatic(args: argparse.Namespace, segment) -> int:
         inputs += [("--image", path), ("--embeddings", embeddings)]
     check_outputs(outputs, inputs, overwrite=args.overwrite)
     single = len(jobs) == 1
-    first = read_image_2d(jobs[0][0], f"usam {args.command}")
+    if Path(args.image).is_dir():
+        first = read_image_2d(jobs[0][0], f"usam {args.command}")  # a folder holds 2D images only
+    else:
+        first = read_image(jobs[0][0])
+        if is_stack(first):
+            return run_volume(args, first, method, params)
+    if args.gap_closing is not None or args.min_z_extent is not None:
+        raise UsageError("--gap-closing and --min-z-extent merge the slices of a 3D TIFF; "
+                         f"{args.image} is a 2D image" + (" folder" if Path(args.image).is_dir() else ""))
     if jobs[0][3] is not None:
         check_embeddings_for(jobs[0][3], first)
     model = SamModel.load(args.model, weight_format=args.weight_format)
@@ -128,19 +178,19 @@ def cmd_ais(args: argparse.Namespace) -> int:
     from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
     from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
 
-    params = _override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)
+    params = override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)
 
     def segment(model, image, emb, progress):
         return automatic_instance_segmentation(model, image, embeddings=emb, params=params, progress=progress)
 
-    return _run_automatic(args, segment)
+    return _run_automatic(args, segment, "ais", params)
 
 
 def cmd_amg(args: argparse.Namespace) -> int:
     from usam_bioimageio.automatic.amg.params import AMG_PRESETS, AmgParameters
     from usam_bioimageio.automatic.amg.generator import automatic_mask_generation
 
-    params = _override(AMG_PRESETS[args.preset] if args.preset else AmgParameters(), args, AMG_OPTIONS)
+    params = override(AMG_PRESETS[args.preset] if args.preset else AmgParameters(), args, AMG_OPTIONS)
     if params.crop_n_layers > 0 and args.embeddings:
         raise UsageError("--crop-n-layers encodes crops of the image: it cannot use --embeddings")
 
@@ -148,38 +198,41 @@ def cmd_amg(args: argparse.Namespace) -> int:
         return automatic_mask_generation(model, image, embeddings=emb, params=params,
                                          min_object_size=args.min_object_size, progress=progress)
 
-    return _run_automatic(args, segment)
+    return _run_automatic(args, segment, "amg", params)
 
 
 def _add_automatic_parser(sub, name: str, func, helptext: str, presets) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=helptext, description=helptext)
     p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
     p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
-    p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...) or a folder of images")
+    p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...), a folder of 2D images, or a 3D TIFF "
+                                                  "(z, y, x) segmented in 3D")
     p.add_argument("--out", required=True, help="label image: .tif (uint32, 0 = background) or .png (16-bit, up to "
-                                                "65535 labels); a folder for a folder of images (NAME.tif)")
+                                                "65535 labels); a folder for a folder of images (NAME.tif); a 3D "
+                                                ".tif for a 3D TIFF")
     p.add_argument("--embeddings", default=None,
                    help="precomputed embeddings: .npz or cache from `usam embed` (tiled too) or micro-sam's; for a "
-                        "folder of images, the folder holding NAME.zarr (or NAME.npz) per image")
+                        "folder of images, the folder holding NAME.zarr (or NAME.npz) per image; for a 3D TIFF a "
+                        "stack cache (`usam embed --cache PATH --stack`)")
     p.add_argument("--tile-shape", type=int, nargs=2, metavar=("Y", "X"), default=None,
                    help="compute tiled embeddings (micro-sam's tiling) for large images")
     p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None,
                    help="overlap around each tile; should cover half the largest object (default 0 0)")
     p.add_argument("--preset", default=None, choices=sorted(presets),
                    help="µSAM's per-model settings (default: µSAM's library defaults, see --help of each option)")
-    p.add_argument("--overlay", default=None, help="also write a PNG overlay (a folder for a folder of images)")
+    p.add_argument("--overlay", default=None, help="also write a PNG overlay (a folder for a folder of images; not "
+                                                    "for a 3D TIFF)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=func)
+    add_volume_options(p)
     return p
 
 
-def add_automatic_parsers(sub) -> None:
-    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
-    from usam_bioimageio.automatic.amg.params import AMG_PRESETS, AmgParameters
+def add_ais_options(p: argparse.ArgumentParser) -> None:
+    """µSAM's AIS post-processing options (``usam ais``, ``usam track``); None keeps the preset / default."""
+    from usam_bioimageio.automatic.ais.postprocess import AisParameters
 
-    ais = _add_automatic_parser(sub, "ais", cmd_ais, "automatic instance segmentation with µSAM's decoder (the "
-                                "family's AIS packages) -> label TIFF", AIS_PRESETS)
     d = AisParameters()
     for name, kind, text in (
         ("center_distance_threshold", float, "seeds: smoothed centre distance below this"),
@@ -189,9 +242,19 @@ def add_automatic_parsers(sub) -> None:
         ("distance_smoothing", float, "Gaussian sigma of the distance maps (0 = none)"),
         ("min_size", int, "remove objects with fewer pixels"),
     ):
-        ais.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                         help=f"{text} (default {getattr(d, name)})")
-    amg = _add_automatic_parser(sub, "amg", cmd_amg, "automatic mask generation (SAM's point grid) -> label TIFF",
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"{text} (default {getattr(d, name)})")
+
+
+def add_automatic_parsers(sub) -> None:
+    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS
+    from usam_bioimageio.automatic.amg.params import AMG_PRESETS, AmgParameters
+
+    ais = _add_automatic_parser(sub, "ais", cmd_ais, "automatic instance segmentation with µSAM's decoder (the "
+                                "family's AIS packages) -> label TIFF (3D for a 3D TIFF)", AIS_PRESETS)
+    add_ais_options(ais)
+    amg = _add_automatic_parser(sub, "amg", cmd_amg, "automatic mask generation (SAM's point grid) -> label TIFF "
+                                "(3D for a 3D TIFF)",
                                 AMG_PRESETS)
     d = AmgParameters()
     for name, kind, text in (

@@ -6,12 +6,18 @@ paths and, for files that exist, ``os.path.samefile``) nor another output; its f
 must hold the result; it is not an existing folder; its folder (or the nearest one that exists) is writable; an
 existing output is replaced only with ``--overwrite``. Files are written to a hidden ``.part`` file beside the
 output and moved into place, and the ``.part`` file is removed when writing fails.
+
+A folder of results (``usam track``'s CTC folder) follows the same rule as a whole: a new or empty folder is
+written; an existing non-empty one is replaced only with ``--overwrite`` and only when it holds nothing but such
+results (so no other file is ever deleted); it is written beside as a hidden ``.part`` folder and swapped in.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Tuple
@@ -22,7 +28,8 @@ from usam_bioimageio.errors import OutputError
 from usam_bioimageio.io.images import is_stack, read_image, read_image_2d
 
 __all__ = ["IMAGE_SUFFIXES", "Output", "atomic_write", "check_embeddings_for", "check_label_count", "check_outputs",
-           "is_stack", "load_embeddings_for", "read_image", "read_image_2d", "write_labels", "write_overlay"]
+           "check_stack_embeddings_for", "is_stack", "load_embeddings_for", "load_stack_embeddings_for", "read_image",
+           "read_image_2d", "write_ctc_folder", "write_labels", "write_overlay"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 LABEL_FORMATS = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG"}
@@ -32,8 +39,8 @@ MAX_PNG_LABEL = 65535  # 16-bit PNG
 
 @dataclass(frozen=True)
 class Output:
-    """An output the command will write: ``kind`` is labels, overlay, npz, report (a folder), folder (of outputs)
-    or cache (a folder that is resumed, never replaced)."""
+    """An output the command will write: ``kind`` is labels, overlay, npz, report (a folder), folder (of outputs),
+    cache (a folder that is resumed, never replaced) or ctc (a CTC result folder, replaced as a whole)."""
 
     option: str
     path: Path
@@ -84,6 +91,23 @@ def _check_writable(out: Output, checked: set) -> None:
 
 
 REPORT_FILES = ("report.md", "results.json")
+# what a CTC result folder holds (tracking.ctc.write_ctc): only such a folder is ever replaced
+CTC_RESULT_FILE = re.compile(r"^(?:mask\d+\.tiff?|res_track\.txt)$")
+
+
+def _check_ctc_folder(out: Output, overwrite: bool) -> None:
+    path = out.path
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(f"{out.option} {path} exists and is not a folder: give a folder for the CTC result")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise OutputError(f"{out.option} {path} is not empty: pass --overwrite to replace the CTC result in it, or "
+                          "choose a new folder")
+    foreign = sorted(p.name for p in path.iterdir() if not (p.is_file() and CTC_RESULT_FILE.match(p.name)))
+    if foreign:
+        raise OutputError(f"{out.option} {path} holds other files than a CTC result ({', '.join(foreign[:3])}): "
+                          "--overwrite only replaces a CTC result folder; choose a new folder")
 
 
 def check_outputs(outputs: Iterable[Output], inputs: Iterable[Tuple[str, Optional[os.PathLike]]], *,
@@ -112,7 +136,9 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[Tuple[str, Optiona
             if key is not None:
                 known[key] = ("output", out.option)
         path = out.path
-        if out.kind in ("report", "cache", "folder"):
+        if out.kind == "ctc":
+            _check_ctc_folder(out, overwrite)
+        elif out.kind in ("report", "cache", "folder"):
             if path.exists() and not path.is_dir():
                 raise OutputError(f"{out.option} {path} is a file; it must be a folder (a new path, or an existing "
                                   "folder)")
@@ -171,6 +197,35 @@ def write_labels(path: Path, labels: np.ndarray, option: str = "--out") -> None:
     atomic_write(path, write)
 
 
+def write_ctc_folder(path: Path, tracks, *, overwrite: bool, option: str = "--out") -> None:
+    """``tracks`` (``CtcTracks``) as a CTC result folder at ``path``: written to a hidden ``.part`` folder beside it,
+    then swapped in (an old result is renamed aside and removed only once the new one is in place); the rule of
+    the module doc is checked again first (the folder may have changed while the command ran)."""
+    from usam_bioimageio.tracking.ctc import write_ctc
+
+    path = Path(path)
+    out = Output(option, path, "ctc")
+    _check_ctc_folder(out, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+    staging = path.with_name(f".{path.name}.{tag}.part")
+    old = path.with_name(f".{path.name}.{tag}.old")
+    try:
+        write_ctc(folder=staging, tracks=tracks)
+        _check_ctc_folder(out, overwrite)
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_overlay(path: Path, rgb: np.ndarray) -> None:
     """An RGB overlay as PNG or TIFF, by the extension."""
     path = Path(path)
@@ -200,10 +255,11 @@ def check_embeddings_for(path: Path, image: np.ndarray) -> None:
         emb = load_embeddings(path, image=image)
         _check_shape(path, emb.original_shape, image)
         return
-    from usam_bioimageio.embeddings.cache import EmbeddingCache, data_sha256, is_micro_sam_cache
+    from usam_bioimageio.embeddings.cache import EmbeddingCache, check_micro_sam_cache, data_sha256, is_micro_sam_cache
 
     if is_micro_sam_cache(path):
-        return  # micro-sam's caches record a sha1 of their own; their shapes are checked once loaded
+        check_micro_sam_cache(path, image)  # the sha1 micro-sam records; shapes are checked once loaded
+        return
     cache = EmbeddingCache.read(path)
     if cache.signature.get("data_sha256") != data_sha256(image):
         raise InputError(f"the embedding cache {path} was computed for another image than {image.shape} "
@@ -238,4 +294,54 @@ def load_embeddings_for(path: Path, image: np.ndarray, model):
     if tuple(emb.original_shape) != image.shape[:2]:
         raise InputError(f"embeddings {path} are for an image of shape {tuple(emb.original_shape)}, not "
                          f"{image.shape[:2]}")
+    return emb
+
+
+def check_stack_embeddings_for(path: Path, stack: np.ndarray) -> None:
+    """--embeddings of a stack (a volume or time series): refuse, before any model is loaded, anything but a stack
+    cache of this stack: an .npz or a 2D image's cache, another slice count, another slice shape, other data.
+    micro-sam's caches are checked once loaded (:func:`load_stack_embeddings_for`)."""
+    from usam_bioimageio.embeddings.cache import EmbeddingCache, data_sha256, is_micro_sam_cache
+    from usam_bioimageio.errors import InputError
+
+    path = Path(path)
+    n = int(stack.shape[0])
+    if not path.exists():
+        raise InputError(f"no embeddings at {path}: give a stack cache of `usam embed --cache PATH --stack`")
+    if not path.is_dir():
+        raise InputError(f"{path} holds the embeddings of one 2D image; a stack of {n} slices needs a stack cache "
+                         "of `usam embed --cache PATH --stack`")
+    if is_micro_sam_cache(path):
+        return
+    cache = EmbeddingCache.read(path)
+    if cache.signature.get("kind") != "stack":
+        raise InputError(f"{path} holds the embeddings of one 2D image; a stack of {n} slices needs a stack cache "
+                         "of `usam embed --cache PATH --stack`")
+    if int(cache.meta["n_slices"]) != n:
+        raise InputError(f"the embedding cache {path} holds {cache.meta['n_slices']} slices, the --image stack "
+                         f"{n}: give this stack's cache (usam embed --cache PATH --stack)")
+    if tuple(cache.meta["image_shape"]) != tuple(stack.shape[1:3]):
+        raise InputError(f"the embedding cache {path} holds slices of shape {tuple(cache.meta['image_shape'])}, the "
+                         f"--image stack's are {tuple(stack.shape[1:3])}")
+    if cache.signature.get("data_sha256") != data_sha256(stack):
+        raise InputError(f"the embedding cache {path} was computed for another stack than {stack.shape} "
+                         f"{stack.dtype} read from the --image file: give that stack's cache, or compute one with "
+                         "`usam embed --cache PATH --stack`")
+
+
+def load_stack_embeddings_for(path: Path, stack: np.ndarray, model):
+    """--embeddings of a stack: our stack cache or micro-sam's 3D cache, checked against the stack
+    (:func:`check_stack_embeddings_for`); a ``StackEmbeddings`` of one item per slice."""
+    from usam_bioimageio.embeddings.cache import load_cache
+    from usam_bioimageio.errors import InputError
+
+    path = Path(path)
+    check_stack_embeddings_for(path, stack)
+    emb = load_cache(path, model=model)
+    if not emb.is_stack or len(emb) != int(stack.shape[0]):
+        raise InputError(f"the embedding cache {path} holds {len(emb)} slices, the --image stack {stack.shape[0]}: "
+                         "give this stack's cache (usam embed --cache PATH --stack)")
+    if tuple(emb.image_shape) != tuple(stack.shape[1:3]):
+        raise InputError(f"the embedding cache {path} holds slices of shape {tuple(emb.image_shape)}, the --image "
+                         f"stack's are {tuple(stack.shape[1:3])}")
     return emb

@@ -1,5 +1,6 @@
 """The ``usam`` command: its parser and its one error policy; each verb group lives in a module of its own
-(packages: export / validate, embed, segment, automatic: ais / amg, evaluate; train: usam_bioimageio.training)."""
+(packages: export / validate, embed, segment, automatic: ais / amg (2D and 3D), track, evaluate; train:
+usam_bioimageio.training)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from usam_bioimageio.cli.embed import cmd_embed
 from usam_bioimageio.cli.evaluate import cmd_evaluate
 from usam_bioimageio.cli.packages import cmd_export, cmd_validate
 from usam_bioimageio.cli.segment import cmd_segment
+from usam_bioimageio.cli.track import add_track_parser
 from usam_bioimageio.errors import UsageError, UsamError
 
 
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", default=None, help="also write an overlay of the labels (.png or .tif)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_automatic_parsers(sub)
+    add_track_parser(sub)
 
     from usam_bioimageio.evaluation.report import MODES
 

@@ -1,0 +1,151 @@
+"""`usam track`: automatic tracking of a time series (a folder of frames or a 3D TIFF): AIS per frame, linked into a
+Cell Tracking Challenge result folder, and its options."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from usam_bioimageio.cli.automatic import AIS_OPTIONS, add_ais_options, override
+from usam_bioimageio.cli.files import (
+    IMAGE_SUFFIXES,
+    Output,
+    check_embeddings_for,
+    check_outputs,
+    check_stack_embeddings_for,
+    is_stack,
+    load_embeddings_for,
+    load_stack_embeddings_for,
+    read_image,
+    read_image_2d,
+    write_ctc_folder,
+)
+from usam_bioimageio.errors import InputError, UsageError
+
+
+class _FrameEmbeddings:
+    """The per-frame embeddings of a folder of frames (one NAME.zarr / NAME.npz per frame), loaded on access."""
+
+    def __init__(self, paths: List[Path], frames: np.ndarray, model):
+        self.paths, self.frames, self.model = paths, frames, model
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, t: int):
+        return load_embeddings_for(self.paths[t], self.frames[t], self.model)
+
+
+def _frame_files(source: Path) -> List[Path]:
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"no frames ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+    return files
+
+
+def read_frames(source: Path) -> np.ndarray:
+    """The time series of ``usam track``: a folder of 2D frames (sorted by name, all of one shape) or a 3D TIFF
+    read as (t, y, x) (the stack rule of ``read_image``); one 2D image is refused (there is nothing to link)."""
+    if source.is_dir():
+        frames = []
+        for path in _frame_files(source):
+            frame = read_image_2d(path, "usam track (a folder of frames)")
+            if frames and frame.shape != frames[0].shape:
+                raise InputError(f"frame {path.name} has shape {frame.shape}, the first frame {frames[0].shape}: "
+                                 "the frames of a time series must have one shape")
+            frames.append(frame)
+        return np.stack(frames)
+    image = read_image(source)
+    if not is_stack(image):
+        raise InputError(f"{source} is one 2D image (shape {image.shape}): usam track needs a time series, a "
+                         "folder of 2D frames or a 3D TIFF (t, y, x); segment one image with `usam ais`")
+    return image
+
+
+def _frame_embedding_paths(folder: Path, files: List[Path]) -> List[Path]:
+    paths = []
+    for path in files:  # a folder as `usam embed --cache FOLDER` writes it for a folder of frames
+        candidates = [folder / f"{path.stem}{ext}" for ext in (".zarr", ".npz")]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise InputError(f"no embeddings for frame {path.name} in {folder} (expected {candidates[0].name})")
+        paths.append(found)
+    return paths
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.tracking.automatic import track_frames
+    from usam_bioimageio.tracking.linking import motile_available
+
+    if args.halo is not None and args.tile_shape is None:
+        raise UsageError("--halo needs --tile-shape")
+    if args.embeddings and args.tile_shape is not None:
+        raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
+                         "--embeddings")
+    if args.solver == "motile" and not motile_available():
+        raise UsageError("--solver motile needs motile and ilpy (pip install 'usam-bioimageio[tracking]'); or use "
+                         "--solver greedy")
+    params = override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)
+    source, out = Path(args.image), Path(args.out)
+    # the output folder and every input are checked before the model is loaded or anything is computed
+    check_outputs([Output("--out", out, "ctc")], [("--image", source), ("--embeddings", args.embeddings)],
+                  overwrite=args.overwrite)
+    frames = read_frames(source)
+    emb_paths: Optional[List[Path]] = None
+    if args.embeddings and source.is_dir():
+        emb_paths = _frame_embedding_paths(Path(args.embeddings), _frame_files(source))
+        for path, frame in zip(emb_paths, frames):
+            check_embeddings_for(path, frame)
+    elif args.embeddings:
+        check_stack_embeddings_for(Path(args.embeddings), frames)
+    model = SamModel.load(args.model, weight_format=args.weight_format)
+    if emb_paths is not None:
+        embeddings = _FrameEmbeddings(emb_paths, frames, model)
+    elif args.embeddings:
+        embeddings = load_stack_embeddings_for(Path(args.embeddings), frames, model)
+    else:
+        embeddings = None
+    halo = args.halo if args.halo is not None or args.tile_shape is None else (0, 0)
+    tracks = track_frames(model, frames, params=params, embeddings=embeddings, solver=args.solver,
+                          tile_shape=args.tile_shape, halo=halo, progress=not args.quiet)
+    write_ctc_folder(out, tracks, overwrite=args.overwrite)
+    n_div = len(set(tracks.parents().values()))
+    print(f"wrote {out}: {tracks.n_frames} frames, {len(tracks.tracks)} tracks, {n_div} divisions")
+    return 0
+
+
+def add_track_parser(sub) -> None:
+    from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS
+
+    text = ("automatic tracking: AIS on every frame (the family's AIS packages), linked with divisions (motile when "
+            "installed, else a greedy linker) -> a Cell Tracking Challenge result folder (maskTTT.tif + "
+            "res_track.txt)")
+    p = sub.add_parser("track", help=text, description=text)
+    p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
+    p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--image", required=True,
+                   help="the time series: a folder of 2D frames (sorted by name) or a 3D TIFF read as (t, y, x); "
+                        "one 2D image is refused")
+    p.add_argument("--out", required=True,
+                   help="CTC result folder (new or empty; with --overwrite an earlier CTC result is replaced)")
+    p.add_argument("--embeddings", default=None,
+                   help="precomputed embeddings: for a 3D TIFF a stack cache (`usam embed --cache PATH --stack`), "
+                        "for a folder of frames the folder holding NAME.zarr (or NAME.npz) per frame")
+    p.add_argument("--solver", default="auto", choices=["auto", "motile", "greedy"],
+                   help="linker: motile's exact ILP, or the greedy frame-by-frame linker (auto: motile when "
+                        "installed)")
+    p.add_argument("--tile-shape", type=int, nargs=2, metavar=("Y", "X"), default=None,
+                   help="compute tiled embeddings of every frame (micro-sam's tiling)")
+    p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None,
+                   help="overlap around each tile (default 0 0)")
+    p.add_argument("--preset", default=None, choices=sorted(AIS_PRESETS),
+                   help="µSAM's per-model AIS settings (default: µSAM's library defaults)")
+    add_ais_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier CTC result in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_track)
