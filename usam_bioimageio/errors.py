@@ -7,7 +7,7 @@ working.
 from __future__ import annotations
 
 __all__ = [
-    "CacheMismatchError", "ChecksumError", "DownloadError", "InputError", "OutputError", "PackageError", "SettingError",
+    "CacheDamagedError", "CacheMismatchError", "ChecksumError", "DownloadError", "InputError", "OutputError", "PackageError", "SettingError",
     "UntrustedPackageError", "UsageError", "UsamError",
 ]
 
@@ -45,6 +45,11 @@ class OutputError(UsamError, ValueError):
 
 class CacheMismatchError(UsamError, ValueError):
     """An embedding cache was written for other data, another encoder or other settings."""
+
+
+class CacheDamagedError(InputError):
+    """An item of an embedding cache flagged complete cannot be read back as written: a chunk deleted, truncated
+    or changed after it was written (recompute the cache)."""
 
 
 class DownloadError(UsamError, OSError):

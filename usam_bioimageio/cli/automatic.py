@@ -14,6 +14,7 @@ from usam_bioimageio.cli.files import (
     IMAGE_SUFFIXES,
     Output,
     check_embeddings_for,
+    check_label_count,
     check_outputs,
     check_stack_embeddings_for,
     is_stack,
@@ -24,6 +25,7 @@ from usam_bioimageio.cli.files import (
     write_labels,
     write_overlay,
 )
+from usam_bioimageio.io.images import check_image_header_2d
 
 
 def _image_jobs(args: argparse.Namespace) -> list:
@@ -49,6 +51,18 @@ def _image_jobs(args: argparse.Namespace) -> list:
         jobs.append((path, out / f"{path.stem}.tif", Path(args.overlay) / f"{path.stem}.png" if args.overlay else None,
                      emb))
     return jobs
+
+
+def _check_folder_images(jobs: list, command: str) -> None:
+    """Every image of a folder (and its embeddings), before the model loads: so that a bad fifth image does not fail
+    after four label images are written. First every header (axes, stack rule, pixel budget: nothing decoded), then
+    every image's values, one image at a time (decoding is cheap next to the encoder; none is kept)."""
+    for path, *_ in jobs:
+        check_image_header_2d(path, command)
+    for path, _, _, embeddings in jobs:
+        image = read_image_2d(path, command)
+        if embeddings is not None:
+            check_embeddings_for(embeddings, image)
 
 
 def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], args: argparse.Namespace,
@@ -146,6 +160,8 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
             outputs.append(Output("--overlay", overlay_path, "overlay"))
         inputs += [("--image", path), ("--embeddings", embeddings)]
     check_outputs(outputs, inputs, overwrite=args.overwrite)
+    if Path(args.image).is_dir():
+        _check_folder_images(jobs, f"usam {args.command}")
     single = len(jobs) == 1
     if Path(args.image).is_dir():
         first = read_image_2d(jobs[0][0], f"usam {args.command}")  # a folder holds 2D images only
@@ -166,9 +182,12 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
         first = None  # not kept while the other images are processed
         emb = _embeddings_for_job(model, image, embeddings, args, progress=single and not args.quiet)
         labels = segment(model, image, emb, single and not args.quiet)
+        # known only now: a PNG holds up to 65535 labels; refused before this image's label or overlay file
+        check_label_count(Output("--out", out, "labels"), int(labels.max()) if labels.size else 0)
+        rgb = overlay(image, labels) if overlay_path is not None else None
         write_labels(out, labels)
-        if overlay_path is not None:
-            write_overlay(overlay_path, overlay(image, labels))
+        if rgb is not None:
+            write_overlay(overlay_path, rgb)
         summary.append(f"wrote {out} ({int(labels.max())} objects)")
     print("\n".join(summary))
     return 0

@@ -7,6 +7,7 @@ Layout of a cache (a zarr group; zarr 3 writes format 3, zarr 2 format 2)::
 
     attrs["usam_embedding_cache"] = {format, format_version, signature, n_slices, n_tiles, image_shape, tiling}
     complete   uint8 (n_slices, n_tiles), one chunk per item, 0 = missing
+    checksums  uint32 (n_slices, n_tiles), one chunk per item: crc32 of the item's float32 features (little-endian)
     features   float32 (n_slices, n_tiles, 1, 256, 64, 64), one chunk per item (created with the first item)
 
 An item is one slice (z) of one tile (t); a 2D image has one slice, an untiled image one tile. The
@@ -15,7 +16,9 @@ package versions) is written when the cache is created and checked on every late
 differs raises :class:`CacheMismatchError` naming it. Each item's features are written first and its
 ``complete`` flag second, so an interrupted computation (killed process) leaves only finished items
 flagged; the next call with the same arguments computes the missing ones. Reading a cache as finished
-embeddings (:func:`load_cache`) refuses one with missing items. Writers are not locked: do not compute into
+embeddings (:func:`load_cache`) refuses one with missing items. Every item read is checked against its checksum
+(written between its features and its flag): zarr reads a deleted chunk as fill values, which would otherwise be
+taken as features (:class:`CacheDamagedError`). Caches written before the checksums existed are read unchecked. Writers are not locked: do not compute into
 one cache from two processes at once.
 
 micro-sam's own caches (``precompute_image_embeddings(save_path=...)``) are read by
@@ -26,13 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 
 from usam_bioimageio.embeddings.types import StackEmbeddings, Tiling
-from usam_bioimageio.errors import CacheMismatchError, InputError
+from usam_bioimageio.errors import CacheDamagedError, CacheMismatchError, InputError
 from usam_bioimageio.runtime.model import SamModel
 
 ATTR = "usam_embedding_cache"
@@ -77,6 +81,25 @@ def data_sha256(data) -> str:
         block = np.ascontiguousarray(np.asarray(data[start:start + step]), dtype=dtype)
         h.update(memoryview(block).cast("B"))
     return h.hexdigest()
+
+
+def micro_sam_data_signature(data) -> str:
+    """micro-sam's ``data_signature`` of an array: the sha1 hex digest of its C-order bytes (nothing else: no shape
+    or dtype), read in blocks of rows as :func:`data_sha256`."""
+    h = hashlib.sha1()
+    shape, dtype = tuple(int(s) for s in data.shape), np.dtype(data.dtype)
+    if not shape:
+        return hashlib.sha1(np.asarray(data).tobytes()).hexdigest()
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, _HASH_BLOCK_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        h.update(memoryview(np.ascontiguousarray(np.asarray(data[start:start + step]), dtype=dtype)).cast("B"))
+    return h.hexdigest()
+
+
+def _checksum(features: np.ndarray) -> int:
+    """crc32 of an item's features as little-endian float32 (cheap: about 1 ms for 4 MB)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(features, dtype="<f4")).cast("B"))
 
 
 def make_signature(model: SamModel, data, *, stack: bool, tiling: Optional[Tiling]) -> dict:
@@ -150,6 +173,8 @@ class EmbeddingCache:
             if list(group.keys()):
                 raise ValueError(f"{path} is a zarr container but not an embedding cache; choose a new path")
             group.attrs[ATTR] = meta  # the signature goes first: a resumed run checks it
+            _create_array(group, "checksums", shape=(meta["n_slices"], meta["n_tiles"]), chunks=(1, 1),
+                          dtype="uint32")
             _create_array(group, "complete", shape=(meta["n_slices"], meta["n_tiles"]), chunks=(1, 1), dtype="uint8")
             return cls(path, group, meta)
         stored = attrs[ATTR]
@@ -167,6 +192,9 @@ class EmbeddingCache:
                 raise ValueError(f"embedding cache {path} is inconsistent: {key} is {stored.get(key)}, "
                                  f"expected {meta[key]}; delete it and recompute")
         if "complete" not in group:  # created, then interrupted before the flags existed
+            if "checksums" not in group:
+                _create_array(group, "checksums", shape=(meta["n_slices"], meta["n_tiles"]), chunks=(1, 1),
+                              dtype="uint32")
             _create_array(group, "complete", shape=(meta["n_slices"], meta["n_tiles"]), chunks=(1, 1), dtype="uint8")
         return cls(path, group, stored)
 
@@ -216,7 +244,7 @@ class EmbeddingCache:
         return [(int(z), int(t)) for z, t in zip(*np.nonzero(~done))]
 
     def write(self, z: int, t: int, features: np.ndarray) -> None:
-        """Store item (z, t): the features first, then its completion flag."""
+        """Store item (z, t): the features first, then their checksum, then its completion flag."""
         features = np.asarray(features, dtype=np.float32)
         if "features" not in self._group:
             shape = (self.meta["n_slices"], self.meta["n_tiles"]) + features.shape
@@ -225,6 +253,8 @@ class EmbeddingCache:
         if array.shape[2:] != features.shape:
             raise ValueError(f"features of shape {features.shape} do not fit cache items of {array.shape[2:]}")
         array[z, t] = features
+        if "checksums" in self._group:  # not in caches written before the checksums existed
+            self._group["checksums"][z, t] = _checksum(features)
         self._mark_complete(z, t)
 
     def _mark_complete(self, z: int, t: int) -> None:
@@ -235,10 +265,18 @@ class EmbeddingCache:
             raise ValueError(f"embedding cache {self.path}: item (slice {z}, tile {t}) is not complete; "
                              "run the computation again with this cache to finish it")
         try:
-            return np.asarray(self._group["features"][z, t])
+            features = np.asarray(self._group["features"][z, t])
+            expected = int(self._group["checksums"][z, t]) if "checksums" in self._group else None
         except Exception as err:  # a damaged chunk: the codecs raise many types
-            raise InputError(f"embedding cache {self.path}: item (slice {z}, tile {t}) cannot be read "
-                             f"({type(err).__name__}: {err}); delete the cache and compute it again") from None
+            raise CacheDamagedError(f"embedding cache {self.path}: item (slice {z}, tile {t}) cannot be read "
+                                    f"({type(err).__name__}: {err}); delete the cache and compute it again") from None
+        # a deleted chunk reads as zeros (zarr's fill value), a changed one as other numbers: neither is an error
+        # of zarr's, only the checksum shows it
+        if expected is not None and _checksum(features) != expected:
+            raise CacheDamagedError(f"embedding cache {self.path}: item (slice {z}, tile {t}) is flagged complete but "
+                                    "its features are missing or changed (a chunk file deleted or edited?): delete "
+                                    "the cache and compute it again")
+        return features
 
     def value(self) -> StackEmbeddings:
         """The cached embeddings (read on access); ValueError if items are missing."""
@@ -269,6 +307,22 @@ def is_micro_sam_cache(path) -> bool:
         return False
     group, attrs = _open_for_reading(path)
     return ATTR not in attrs and "features" in group
+
+
+def check_micro_sam_cache(path, data, what: str = "the --image file") -> None:
+    """Refuse a micro-sam cache computed for other data than ``data``: micro-sam records its ``data_signature``
+    (:func:`micro_sam_data_signature`) in the root attrs; a cache without one is unfinished (micro-sam writes it
+    last)."""
+    path = Path(path)
+    _, attrs = _open_for_reading(path)
+    stored = attrs.get("data_signature")
+    if not isinstance(stored, str) or "input_size" not in attrs:
+        raise InputError(f"micro-sam cache {path} is incomplete (no signature written): recompute it with micro-sam")
+    if stored != micro_sam_data_signature(data):
+        raise CacheMismatchError(
+            f"micro-sam cache {path} was computed for other data than the {tuple(data.shape)} {np.dtype(data.dtype)} "
+            f"image read from {what} (its data_signature, a sha1 of the pixels, differs): give that image's cache, or "
+            "compute one with micro-sam or `usam embed --cache`")
 
 
 def load_cache(path, *, model: Optional[SamModel] = None) -> StackEmbeddings:

@@ -17,8 +17,9 @@ The rules (README "Security and limits"):
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 
@@ -101,46 +102,85 @@ def check_values(image: np.ndarray, what: Union[str, Path] = "image") -> None:
                          "or rescale the image")
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        if not tif.series:
-            raise InputError(f"image {path} holds no image data")
-        series = tif.series[0]
-        check_shape(path, series.shape, series.dtype)
-        return np.asarray(series.asarray())
+def _tiff_series(tif, path: Path):
+    """The first series of an open TiffFile, its declared shape checked."""
+    if not tif.series:
+        raise InputError(f"image {path} holds no image data")
+    series = tif.series[0]
+    check_shape(path, series.shape, series.dtype)
+    return series
 
 
-def _read_other(path: Path) -> np.ndarray:
-    import imageio.v3 as iio
+@contextlib.contextmanager
+def _pil_image(path: Path):
+    """PIL's image of ``path`` (its header; pixels decoded only on access), its declared size checked."""
     from PIL import Image
 
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our budget is checked instead; PIL's own (89 Mpx) would refuse real images
     try:
-        with Image.open(path) as img:  # reads the header only
+        with Image.open(path) as img:
             width, height = img.size
-        check_shape(path, (height, width), np.uint8)
-        return np.asarray(iio.imread(path, plugin="pillow"))  # the decoder whose header was checked
+            check_shape(path, (height, width), np.uint8)
+            yield img
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def read_image(path: Union[str, Path]) -> np.ndarray:
-    """An image file -> (y, x), (y, x, c) or a stack (z, y, x[, c]); TIFF via tifffile (its first series), others
-    via PIL / imageio; RGBA drops alpha. Checks the module's rules; raises InputError naming the file."""
-    path = Path(path)
+# PIL modes -> the dtype imageio decodes them to (others: uint8)
+_PIL_DTYPES = {"I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32, "F": np.float32,
+               "1": np.bool_}
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """The one error policy of reading an image file: InputError naming the file for whatever a reader raises."""
     if not path.is_file():
         raise InputError(f"no image at {path}" + (" (a folder)" if path.is_dir() else ""))
     try:
-        image = _read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else _read_other(path)
+        yield
     except UsamError:
         raise
     except MemoryError:
         raise InputError(f"not enough memory to read image {path}: lower the pixel budget or use a smaller image")
     except Exception as err:  # the readers raise many types for unreadable files
         raise InputError(f"cannot read image {path}: {type(err).__name__}: {err}".rstrip(": ")) from err
+
+
+def read_image_header(path: Union[str, Path]) -> Tuple[Tuple[int, ...], np.dtype]:
+    """(shape, dtype) an image file declares, read from its header only (TIFF: tifffile's first series; others:
+    PIL's size and bands) and checked with :func:`check_shape`; the pixels are not decoded. For checking many
+    files before any is read (``usam ais`` / ``amg`` on a folder)."""
+    path = Path(path)
+    with _reading(path):
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = _tiff_series(tif, path)
+                return tuple(int(n) for n in series.shape), np.dtype(series.dtype)
+        with _pil_image(path) as img:
+            bands = len(img.getbands())
+            shape = (img.size[1], img.size[0]) + ((bands,) if bands > 1 else ())
+            shape = shape if img.mode != "RGBA" else shape[:2] + (3,)  # read_image drops alpha
+            return shape, np.dtype(_PIL_DTYPES.get(img.mode, np.uint8))
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """An image file -> (y, x), (y, x, c) or a stack (z, y, x[, c]); TIFF via tifffile (its first series), others
+    via PIL / imageio; RGBA drops alpha. Checks the module's rules; raises InputError naming the file."""
+    path = Path(path)
+    with _reading(path):
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                image = np.asarray(_tiff_series(tif, path).asarray())
+        else:
+            import imageio.v3 as iio
+
+            with _pil_image(path):
+                image = np.asarray(iio.imread(path, plugin="pillow"))  # the decoder whose header was checked
     check_shape(path, image.shape, image.dtype)  # what was decoded (a reader may add axes)
     if image.ndim == 3 and image.shape[-1] == 4:  # RGBA
         image = image[..., :3]
@@ -148,11 +188,23 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
     return image
 
 
+def _refuse_stack(path, shape: Sequence[int], command: str) -> None:
+    if is_stack(shape):
+        raise InputError(f"{path} holds a stack of {shape[0]} slices (shape {tuple(shape)}), not a 2D image: "
+                         f"{command} segments one 2D image; save one slice per file (or embed the stack with "
+                         "`usam embed --cache`); if the first axis holds channels, save them last (y, x, c)")
+
+
+def check_image_header_2d(path: Union[str, Path], command: str = "usam segment") -> Tuple[int, ...]:
+    """:func:`read_image_header` for commands that segment one 2D image: a stack is refused (as
+    :func:`read_image_2d` does) without decoding a pixel. Returns the declared shape."""
+    shape, _ = read_image_header(path)
+    _refuse_stack(path, shape, command)
+    return shape
+
+
 def read_image_2d(path: Union[str, Path], command: str = "usam segment") -> np.ndarray:
     """``read_image`` for commands that segment one 2D image: a stack is refused, never read as channels."""
     image = read_image(path)
-    if is_stack(image):
-        raise InputError(f"{path} holds a stack of {image.shape[0]} slices (shape {image.shape}), not a 2D image: "
-                         f"{command} segments one 2D image; save one slice per file (or embed the stack with "
-                         "`usam embed --cache`); if the first axis holds channels, save them last (y, x, c)")
+    _refuse_stack(path, image.shape, command)
     return image
