@@ -487,6 +487,47 @@ def _read_pairs(images: Path, labels: Path) -> List[Tuple[np.ndarray, np.ndarray
     return pairs
 
 
+CHECKPOINT_FILES = ("best.pt", "latest.pt")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_train_output(output: Path, inputs: Sequence[Tuple[str, Optional[Path]]], checkpoint: Optional[str], *,
+                       overwrite: bool) -> None:
+    """``usam train --output``, before any data is read or a model is built (the CLI's output rule,
+    ``cli.files.check_outputs``): a folder, writable, never an input nor inside an input folder (best.pt in
+    --train-images would be read as an image next time); an existing non-empty folder only with --overwrite
+    (training writes best.pt / latest.pt and nothing else: --overwrite replaces those two, never another file),
+    except when resuming: --checkpoint is a file in --output (its latest.pt or best.pt), read once before the
+    first checkpoint is written."""
+    from usam_bioimageio.cli.files import Output, check_outputs
+    from usam_bioimageio.errors import InputError, OutputError
+
+    output = Path(output)
+    for option, path in inputs:
+        if path is None:
+            continue
+        if not Path(path).is_dir():
+            raise InputError(f"{option} {path}: no such folder" + (" (a file)" if Path(path).exists() else ""))
+        if _is_within(output, Path(path)):
+            raise OutputError(f"--output {output} is the {option} input or inside it: usam never writes into its "
+                              "inputs; choose another folder for the checkpoints")
+    local = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
+    check_outputs([Output("--output", output, "folder")],
+                  list(inputs) + [("--checkpoint", local)], overwrite=overwrite)
+    if overwrite or not output.is_dir() or not any(output.iterdir()):
+        return
+    if local is not None and local.is_file() and _is_within(local, output):
+        return  # resuming from a checkpoint of this run
+    held = [name for name in CHECKPOINT_FILES if (output / name).exists()]
+    what = f"holds checkpoints ({', '.join(held)})" if held else "is not empty"
+    raise OutputError(f"--output {output} {what}: pass --overwrite to replace best.pt / latest.pt, resume with "
+                      f"--checkpoint {output / 'latest.pt'}, or choose a new folder")
+
+
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``usam train``: finetune on folders of images and label images matched by file stem."""
     parser = argparse.ArgumentParser(prog="usam train", description="Finetune SAM with µSAM's iterative prompting.")
@@ -499,7 +540,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--train-labels", type=Path)
     parser.add_argument("--val-images", type=Path)
     parser.add_argument("--val-labels", type=Path)
-    parser.add_argument("--output", type=Path, required=True, help="folder for best.pt / latest.pt")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="folder for best.pt / latest.pt: new or empty, or with --overwrite (only those two "
+                             "files are replaced), or resumed with --checkpoint OUTPUT/latest.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace best.pt / latest.pt in --output")
     parser.add_argument("--model-type", default="vit_b")
     parser.add_argument("--checkpoint", help="initial SAM / µSAM weights: a file (µSAM's layouts, compact int8 "
                         "files), URL or registry name, as usam export reads them (default: untrained)")
@@ -530,6 +574,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give --data, or --train-images and --train-labels")
     if (args.val_images is None) != (args.val_labels is None):
         parser.error("--val-images and --val-labels go together")
+    check_train_output(args.output, [("--data", args.data), ("--train-images", args.train_images),
+                                     ("--train-labels", args.train_labels), ("--val-images", args.val_images),
+                                     ("--val-labels", args.val_labels)], args.checkpoint, overwrite=args.overwrite)
     config = TrainConfig(model_type=args.model_type, n_iterations=args.n_iterations, n_objects=args.n_objects,
                          batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                          early_stopping=args.early_stopping, seed=args.seed, lr=args.lr, mask_prob=args.mask_prob,
