@@ -1,6 +1,6 @@
 """The ``usam`` command: its parser and its one error policy; each verb group lives in a module of its own
-(packages: export / validate, embed, segment, automatic: ais / amg (2D and 3D), track, evaluate; train:
-usam_bioimageio.training)."""
+(packages: export / validate, embed, segment, automatic: ais / amg (2D and 3D), track, evaluate; train
+(the training itself: usam_bioimageio.training))."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         command = "train"
 
         def run() -> int:
-            from usam_bioimageio.training import train_main
+            from usam_bioimageio.cli.train import train_main
 
             return train_main(argv[1:])
     else:
