@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 import numpy as np
 
 from usam_bioimageio.errors import OutputError
+from usam_bioimageio.evaluation.report import REPORT_FILES
 from usam_bioimageio.io.images import is_stack, read_image, read_image_2d
 
 __all__ = ["IMAGE_SUFFIXES", "Output", "atomic_write", "check_embeddings_for", "check_label_count", "check_outputs",
@@ -90,7 +91,6 @@ def _check_writable(out: Output, checked: set) -> None:
         probe.unlink(missing_ok=True)
 
 
-REPORT_FILES = ("report.md", "results.json")
 # what a CTC result folder holds (tracking.ctc.write_ctc): only such a folder is ever replaced
 CTC_RESULT_FILE = re.compile(r"^(?:mask\d+\.tiff?|res_track\.txt)$")
 

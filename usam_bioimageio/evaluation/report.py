@@ -4,15 +4,17 @@ What it runs (each optional): interactive segmentation starting from a box and f
 iterative corrections (:mod:`.interactive_evaluation`), AIS and AMG with thresholds chosen by grid search on
 the validation split (:mod:`.automatic_evaluation`), and the classical Otsu + watershed baseline, all scored
 on the test split with the mean segmentation accuracy (mSA) and the accuracy at IoU 0.5 / 0.75. Writes
-``report.md``, ``results.json`` and ``interactive.png`` / ``automatic.png`` (matplotlib) into ``out_dir``,
-each file atomically.
+``report.md``, ``results.json`` and ``interactive.png`` / ``automatic.png`` (matplotlib) into ``out_dir``:
+all of them into a hidden staging folder beside it first, then swapped in, so that a failure midway leaves no
+partial report and the old one, if any, untouched (see :func:`write_report`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Sequence
@@ -20,14 +22,8 @@ from typing import Any, Dict, Sequence
 from usam_bioimageio.io.datasets import Pair
 
 MODES = ("interactive", "ais", "amg", "baseline")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+# every file a report may hold (report.md last: the file that says a report is there); cli.files checks these
+REPORT_FILES = ("interactive.png", "automatic.png", "results.json", "report.md")
 
 
 def _plot(path: Path, draw) -> None:
@@ -42,9 +38,11 @@ def _plot(path: Path, draw) -> None:
     draw(ax)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    _write_atomic(path, buf.getvalue())
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    path.write_bytes(buf.getvalue())
 
 
 def run_evaluation(model, val_pairs: Sequence[Pair], test_pairs: Sequence[Pair], *,
@@ -92,8 +90,46 @@ def _row(name: str, scores: Dict[str, float]) -> str:
 
 
 def write_report(results: Dict[str, Any], out_dir: Path, *, title: str, command: str) -> Path:
-    """report.md (+ results.json and plots) from :func:`run_evaluation`'s numbers."""
+    """report.md (+ results.json and plots) from :func:`run_evaluation`'s numbers, written into a hidden staging
+    folder beside ``out_dir`` and swapped in (:func:`_swap_in`); nothing of it is left when writing fails."""
     out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    staging.mkdir()
+    try:
+        _write_files(results, staging, title=title, command=command)
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "report.md"
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Move the report in ``staging`` to ``out_dir``. A new, empty or report-only folder is replaced as a whole
+    (renamed: atomic; an old report is renamed aside until the new one is in place); a folder that also holds the
+    user's other files (or is a symlink) keeps them: each report file is moved in on its own (atomic per file,
+    report.md last) and report files the new report lacks (a plot of a mode not run) are removed after."""
+    written = [name for name in REPORT_FILES if (staging / name).exists()]
+    if out_dir.is_symlink() or (out_dir.is_dir() and any(p.name not in REPORT_FILES for p in out_dir.iterdir())):
+        for name in written:
+            os.replace(staging / name, out_dir / name)
+        for name in REPORT_FILES:
+            if name not in written:
+                (out_dir / name).unlink(missing_ok=True)
+        return
+    old = staging.with_suffix(".old")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(results: Dict[str, Any], out_dir: Path, *, title: str, command: str) -> None:
     lines = [f"# {title}", "", f"Regenerate: `{command}`", "",
              f"Test images: {results['n_test']}; validation images (AIS / AMG grid search): {results['n_val']}. "
              "mSA: mean segmentation accuracy over IoU thresholds 0.5..0.95; SA50 / SA75: accuracy at IoU 0.5 / "
@@ -133,7 +169,5 @@ def write_report(results: Dict[str, Any], out_dir: Path, *, title: str, command:
         _plot(out_dir / "automatic.png", draw_automatic)
         lines += ["![automatic segmentation](automatic.png)", ""]
     lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} by `usam evaluate`."]
-    _write_atomic(out_dir / "results.json", json.dumps(results, indent=1).encode())
-    report = out_dir / "report.md"
-    _write_atomic(report, ("\n".join(lines) + "\n").encode())
-    return report
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
