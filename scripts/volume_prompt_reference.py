@@ -1,0 +1,190 @@
+"""Write tests/data/volume_prompt_reference/: µSAM's segment_from_mask and segment_mask_in_volume on seeded weights.
+
+Run it with the python of the reference venv (scripts/micro_sam_venv.sh: micro-sam 1.8.14, mobile_sam for vit_t):
+``/tmp/usam-ais-ref/bin/python scripts/volume_prompt_reference.py tests/data/volume_prompt_reference``.
+
+The SAM is the seeded random vit_t of the tests (``usam_bioimageio.modeling.seeded_sam("vit_t", seed=0)``, the
+``vit_t_family`` fixture's), saved as a checkpoint and loaded by µSAM (``util.get_sam_model``); MobileSAM's stale
+attention-bias cache is refreshed (scripts/micro_sam_env.py, as scripts/ais_decoder_reference.py does), so µSAM's
+encoder computes with the loaded weights as our packages do. The image: a crop of GoNuclear (CC BY 4.0)
+``1135_mini_raw.tif`` (9 slices x 64 x 64 around nucleus 27); the object masks come from its ground truth.
+µSAM's own embeddings (``util.precompute_image_embeddings``) feed µSAM's own functions:
+
+* ``prompts.npz`` / ``meta.json["prompts"]``: the prompts µSAM derives from masks (``_compute_box_from_mask``,
+  ``_compute_points_from_mask``, ``_compute_logits_from_mask``) for label masks of several image sizes: no model.
+* ``from_mask_<case>``: ``segment_from_mask`` on slice 4 with each prompt combination (packed bits, 64 x 64).
+* ``volume_<case>_<projection>``: ``segment_mask_in_volume`` (packed bits, 9 x 64 x 64) and its (z_min, z_max)
+  in meta.json, for every projection mode, from one or several annotated ground-truth slices.
+
+Only results are stored (well under 1 MB), no weights: the test rebuilds the weights and checks their sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from micro_sam_env import refresh_attention_bias_cache, setup_imports  # noqa: E402
+
+SAM_SEED = 0
+MODEL_TYPE = "vit_t"
+RAW, LABELS = "gonuclear3d/1135_mini_raw.tif", "gonuclear3d/1135_mini_labels.tif"
+CROP = {"z": [65, 74], "y": [0, 64], "x": [0, 64]}
+OBJECT = 27
+FROM_MASK_SLICE = 4
+PROJECTIONS = ("box", "mask", "points", "points_and_mask", "single_point")
+# segment_from_mask on slice FROM_MASK_SLICE: name -> keyword arguments (µSAM's names)
+FROM_MASK_CASES = {
+    "box": {"use_box": True, "use_mask": False, "use_points": False},
+    "box_mask": {"use_box": True, "use_mask": True, "use_points": False},
+    "mask": {"use_box": False, "use_mask": True, "use_points": False},
+    "points": {"use_box": False, "use_mask": False, "use_points": True},
+    "points_mask": {"use_box": False, "use_mask": True, "use_points": True},
+    "box_points": {"use_box": True, "use_mask": False, "use_points": True},
+    "box_points_mask": {"use_box": True, "use_mask": True, "use_points": True},
+    "single_point": {"use_box": False, "use_mask": False, "use_points": True, "use_single_point": True},
+    "box_ext_frac": {"use_box": True, "use_mask": False, "use_points": False, "box_extension": 0.1},
+    "box_ext_px_points": {"use_box": True, "use_mask": True, "use_points": True, "box_extension": 2},
+}
+# segment_mask_in_volume: name -> (annotated slices, iou_threshold, stop_lower, stop_upper, box_extension)
+VOLUME_CASES = {
+    "middle": ([4], 0.5, False, False, 0.0),
+    "middle_no_stop": ([4], 0.0, False, False, 0.05),
+    "three": ([1, 3, 7], 0.5, False, False, 0.0),
+    "odd_gap": ([1, 6], 0.5, False, False, 0.0),
+    "stop_upper": ([2, 7], 0.5, False, True, 0.0),
+    "stop_lower": ([2, 7], 0.5, True, False, 0.0),
+}
+# prompt derivation only: a ground-truth label slice z cropped to [y0:y1, x0:x1], zero-padded by `pad` on every
+# side: (z, y0, y1, x0, x1, object, box_extension, pad)
+PROMPT_CASES = {
+    "square_100": (69, 0, 100, 0, 100, 27, 0.0, 0),
+    "wide_50x80": (40, 10, 60, 0, 80, 28, 0.0, 0),
+    "tall_90x40": (40, 5, 95, 40, 80, 28, 0.05, 0),
+    "edge_64": (35, 0, 64, 0, 64, 14, 3, 0),
+    "padded_300": (69, 0, 100, 0, 100, 27, 0.0, 100),  # 300 x 300: downscaled to 256, non-dyadic weights
+}
+
+
+def state_sha256(state) -> str:
+    """sha256 over the sorted keys, dtypes, shapes and raw bytes of a state dict (as ais_decoder_reference)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def crop_volume(data: Path):
+    import tifffile
+
+    sl = tuple(slice(*CROP[a]) for a in "zyx")
+    raw = tifffile.imread(data / RAW)[sl]
+    labels = tifffile.imread(data / LABELS)[sl]
+    return np.ascontiguousarray(raw), labels == OBJECT
+
+
+def prompt_case_mask(data: Path, case):
+    import tifffile
+
+    z, y0, y1, x0, x1, obj, _, pad = case
+    return np.pad(tifffile.imread(data / LABELS)[z, y0:y1, x0:x1] == obj, pad)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    args = parser.parse_args()
+    shim_info = setup_imports()
+
+    import torch
+    from micro_sam import util
+    from micro_sam.multi_dimensional_segmentation import segment_mask_in_volume
+    from micro_sam.prompt_based_segmentation import (_compute_box_from_mask, _compute_logits_from_mask,
+                                                     _compute_points_from_mask, segment_from_mask)
+
+    from usam_bioimageio.modeling import seeded_sam
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    arrays, meta = {}, {
+        "model_type": MODEL_TYPE, "sam_seed": SAM_SEED, "raw": RAW, "labels": LABELS, "crop": CROP,
+        "object": OBJECT, "from_mask_slice": FROM_MASK_SLICE, "from_mask": FROM_MASK_CASES,
+        "volume": {}, "prompts": {},
+        "versions": {p: metadata.version(p) for p in ("micro_sam", "torch", "numpy", "scikit-image", "scipy",
+                                                       "bioimage-cpp", "mobilesam-mirror")},
+        "torchvision": shim_info, "python": platform.python_version(),
+        "script": "scripts/volume_prompt_reference.py",
+    }
+
+    # prompts µSAM derives from masks (no model)
+    for name, case in PROMPT_CASES.items():
+        mask = prompt_case_mask(args.data, case).astype("uint8")
+        ext = case[6]
+        box = _compute_box_from_mask(mask, box_extension=ext)
+        pts, lab = _compute_points_from_mask(mask, original_size=None, box_extension=ext)
+        single, _ = _compute_points_from_mask(mask, original_size=None, box_extension=ext, use_single_point=True)
+        logits = _compute_logits_from_mask(mask)[0]
+        arrays[f"prompt_{name}_mask"] = np.packbits(mask.astype(bool))
+        arrays[f"prompt_{name}_logits"] = np.packbits(logits > 0)
+        meta["prompts"][name] = {
+            "case": list(case), "shape": list(mask.shape), "box_extension": ext, "box": box.tolist(),
+            "points": np.asarray(pts, float).tolist(), "labels": np.asarray(lab).tolist(),
+            "single_point": np.asarray(single, float).tolist(), "logits_values": sorted(set(logits.ravel().tolist())),
+        }
+
+    volume, gt = crop_volume(args.data)
+    meta["volume_shape"] = list(volume.shape)
+    sam_state = seeded_sam(MODEL_TYPE, seed=SAM_SEED).state_dict()
+    meta["sam_state_sha256"] = state_sha256(sam_state)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "vit_t.pt"
+        torch.save(sam_state, ckpt)
+        predictor = util.get_sam_model(model_type=MODEL_TYPE, checkpoint_path=ckpt, device="cpu")
+    meta["refreshed_attention_bias_cache_max_change"] = refresh_attention_bias_cache(predictor.model)
+    with torch.no_grad():
+        embeddings = util.precompute_image_embeddings(predictor, volume, ndim=3, verbose=False)
+        meta["embeddings_abs_mean"] = [float(np.abs(np.asarray(embeddings["features"][z])).mean())
+                                       for z in range(len(volume))]
+
+        for name, kwargs in FROM_MASK_CASES.items():
+            mask = segment_from_mask(predictor, gt[FROM_MASK_SLICE].astype("uint8"), image_embeddings=embeddings,
+                                     i=FROM_MASK_SLICE, **kwargs)
+            arrays[f"from_mask_{name}"] = np.packbits(np.asarray(mask[0], bool))
+            print(f"from_mask {name}: {int(mask.sum())} px (gt {int(gt[FROM_MASK_SLICE].sum())})")
+
+        for name, (annotated, iou, stop_lower, stop_upper, ext) in VOLUME_CASES.items():
+            for projection in PROJECTIONS:
+                seg = np.zeros(volume.shape, "uint8")
+                seg[annotated] = gt[annotated]
+                seg, (z_min, z_max) = segment_mask_in_volume(
+                    seg, predictor, embeddings, np.array(annotated), stop_lower=stop_lower, stop_upper=stop_upper,
+                    iou_threshold=iou, projection=projection, box_extension=ext)
+                key = f"{name}_{projection}"
+                arrays[f"volume_{key}"] = np.packbits(seg.astype(bool))
+                meta["volume"][key] = {
+                    "annotated": annotated, "iou_threshold": iou, "stop_lower": stop_lower, "stop_upper": stop_upper,
+                    "box_extension": ext, "projection": projection, "z_range": [int(z_min), int(z_max)],
+                    "pixels_per_slice": seg.astype(bool).sum(axis=(1, 2)).tolist(),
+                }
+                print(f"volume {key}: z {z_min}..{z_max}, px {meta['volume'][key]['pixels_per_slice']}")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out_dir / "results.npz", **arrays)
+    (args.out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {args.out_dir} ({(args.out_dir / 'results.npz').stat().st_size} bytes of results)")
+
+
+if __name__ == "__main__":
+    main()

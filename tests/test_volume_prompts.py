@@ -1,0 +1,149 @@
+"""Prompts from a mask (``prompting.from_mask``) and interactive 3D (``volumes.interactive``) against micro-sam 1.8.14.
+
+The reference (tests/data/volume_prompt_reference/, written by scripts/volume_prompt_reference.py in micro-sam's
+own environment) holds µSAM's prompts derived from label masks, and µSAM's ``segment_from_mask`` /
+``segment_mask_in_volume`` results on a 9 x 64 x 64 GoNuclear crop with the seeded vit_t of ``vit_t_family``
+(µSAM's stale vit_t attention-bias cache refreshed there, so both sides compute with the loaded weights).
+Here the same weights run through our ONNX packages, on our own embeddings of the same crop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from usam_bioimageio.embeddings.compute import compute_stack_embeddings
+from usam_bioimageio.embeddings.types import StackEmbeddings
+from usam_bioimageio.errors import InputError, UsageError, UsamError
+from usam_bioimageio.prompting.from_mask import box_from_mask, logits_from_mask, points_from_mask, segment_from_mask
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.volumes.interactive import PROJECTION_MODES, segment_mask_in_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).parent / "data" / "volume_prompt_reference"
+
+
+def _reference_script():
+    spec = importlib.util.spec_from_file_location("volume_prompt_reference",
+                                                  ROOT / "scripts" / "volume_prompt_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REF = _reference_script()
+META = json.loads((REFERENCE / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results():
+    with np.load(REFERENCE / "results.npz") as z:
+        return dict(z)
+
+
+def _unpack(bits: np.ndarray, shape) -> np.ndarray:
+    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+@pytest.fixture(scope="module")
+def model(vit_t_family):
+    family, state = vit_t_family
+    assert REF.state_sha256(state) == META["sam_state_sha256"], "seeded SAM weights differ from the reference's"
+    return SamModel.load(family)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return REF.crop_volume(DATA)  # (raw, object mask), both (9, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def stack(model, volume):
+    return compute_stack_embeddings(model, volume[0], progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(REF.PROMPT_CASES))
+def test_prompts_from_a_mask_are_micro_sams(name, results):
+    """Box, points, single point and mask prompt derived as µSAM derives them (no model involved)."""
+    case = META["prompts"][name]
+    mask = _unpack(results[f"prompt_{name}_mask"], case["shape"])
+    ext = case["box_extension"]
+    assert box_from_mask(mask=mask, box_extension=ext).tolist() == case["box"]
+    points, labels = points_from_mask(mask=mask, box_extension=ext)
+    assert points.tolist() == case["points"] and labels.tolist() == case["labels"]
+    single, _ = points_from_mask(mask=mask, box_extension=ext, single_point=True)
+    assert single.tolist() == case["single_point"]
+    logits = logits_from_mask(mask=mask)
+    assert logits.shape == (256, 256) and sorted(set(logits.ravel().tolist())) == case["logits_values"]
+    assert np.array_equal(logits > 0, _unpack(results[f"prompt_{name}_logits"], (256, 256)))
+
+
+def _iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.mark.parametrize("name", sorted(REF.FROM_MASK_CASES))
+def test_segment_from_mask_equals_micro_sam(name, model, volume, stack, results):
+    kwargs = dict(REF.FROM_MASK_CASES[name])
+    kwargs["single_point"] = kwargs.pop("use_single_point", False)
+    z = META["from_mask_slice"]
+    ours = segment_from_mask(model, stack[z], mask=volume[1][z], **kwargs).masks[0, 0]
+    theirs = _unpack(results[f"from_mask_{name}"], ours.shape)
+    assert np.array_equal(ours, theirs), f"{name}: IoU {_iou(ours, theirs):.5f}, {int((ours != theirs).sum())} px differ"
+
+
+VOLUME_KEYS = sorted(META["volume"])
+
+
+@pytest.mark.parametrize("key", VOLUME_KEYS)
+def test_segment_mask_in_volume_equals_micro_sam(key, model, volume, stack, results):
+    case = META["volume"][key]
+    gt = volume[1]
+    seg = np.zeros(gt.shape, np.uint8)
+    seg[case["annotated"]] = gt[case["annotated"]]
+    out = segment_mask_in_volume(model, stack, segmentation=seg, segmented_slices=case["annotated"],
+                                 projection=case["projection"], iou_threshold=case["iou_threshold"],
+                                 box_extension=case["box_extension"], stop_lower=case["stop_lower"],
+                                 stop_upper=case["stop_upper"], progress=False)
+    theirs = _unpack(results[f"volume_{key}"], gt.shape)
+    assert [out.z_min, out.z_max] == case["z_range"]
+    per_slice = [f"{z}: {_iou(a, b):.4f}" for z, (a, b) in enumerate(zip(out.masks, theirs)) if not np.array_equal(a, b)]
+    assert not per_slice, f"{key}: slices that differ (IoU) {per_slice}"
+
+
+def test_bad_input_gets_clear_errors(model, volume, stack):
+    gt = volume[1]
+    seg = np.zeros(gt.shape, np.uint8)
+    seg[4] = gt[4]
+    run = dict(projection="mask", progress=False)
+    with pytest.raises(InputError, match="out of range"):
+        segment_mask_in_volume(model, stack, segmentation=seg, segmented_slices=[4, 9], **run)
+    with pytest.raises(InputError, match="out of range"):
+        segment_mask_in_volume(model, stack, segmentation=seg, segmented_slices=[-1], **run)
+    with pytest.raises(InputError, match="empty"):
+        segment_mask_in_volume(model, stack, segmentation=seg, segmented_slices=[3], **run)
+    with pytest.raises(UsageError, match="projection"):
+        segment_mask_in_volume(model, stack, segmentation=seg, segmented_slices=[4], projection="ball", progress=False)
+    with pytest.raises(InputError, match="does not match"):
+        segment_mask_in_volume(model, stack, segmentation=seg[:, :32], segmented_slices=[4], **run)
+    one = StackEmbeddings.in_memory([[stack.get(4, 0)]], stack.image_shape, None, stack.encoder)
+    with pytest.raises(InputError, match="at least 2"):
+        segment_mask_in_volume(model, one, segmentation=seg[4:5], segmented_slices=[0], **run)
+    with pytest.raises(InputError, match="StackEmbeddings"):
+        segment_mask_in_volume(model, stack[4], segmentation=seg, segmented_slices=[4], **run)
+    with pytest.raises(InputError, match="empty"):
+        segment_from_mask(model, stack[4], mask=np.zeros(gt.shape[1:], bool))
+    with pytest.raises(InputError, match="does not match"):
+        segment_from_mask(model, stack[4], mask=gt[4, :32])
+    with pytest.raises(InputError, match="at least one"):
+        segment_from_mask(model, stack[4], mask=gt[4], use_box=False, use_mask=False)
+    with pytest.raises(InputError, match="box_extension"):
+        box_from_mask(mask=gt[4], box_extension=-1)
+    assert issubclass(InputError, UsamError) and issubclass(UsageError, UsamError)
+    assert set(PROJECTION_MODES) == set(REF.PROJECTIONS)

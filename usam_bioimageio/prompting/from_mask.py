@@ -1,0 +1,190 @@
+"""Segment an object from a mask: the box, points and mask prompt µSAM derives from it (``segment_from_mask``).
+
+Semantics of micro_sam 1.8.14 ``prompt_based_segmentation.segment_from_mask`` (and its helpers
+``_compute_box_from_mask``, ``_process_box``, ``_compute_points_from_mask``, ``_compute_logits_from_mask``) for
+a mask at the image's own size (µSAM's ``original_size`` None, as every projection in 3D uses it):
+
+* **Box**: the mask's bounding box ``(x0, y0, x1 + 1, y1 + 1)``, each side pushed out by ``box_extension``
+  (>= 1: that many pixels; below 1: that fraction of the box's extent), clipped to the image, rounded half to
+  even (``np.round``).
+* **Points**: inside the box (with the extension), the Euclidean distance to the mask's outer boundary
+  (``find_boundaries(mode="outer")``), smoothed by a Gaussian of sigma 1 (window radius 3, mirrored borders: as
+  bioimage_cpp's ``gaussian_smoothing``). Positive points: the local maxima of the smoothed distance inside the
+  mask (``peak_local_max``, ``min_distance=3``); negative: those outside it (``min_distance=5``). With
+  ``single_point``: one positive point at the maximum inside the mask. µSAM draws no random numbers here.
+* **Mask prompt**: the binary mask resized to 256 x 256 (torch's antialiased bilinear ``F.interpolate``),
+  thresholded at 0.5 and turned into logits ``±log(0.999 / 0.001)``. µSAM means to resize the longer side to 256
+  and pad, but segment_anything 1.0's ``ResizeLongestSide.apply_image_torch`` takes the size from the batch and
+  channel axes (1, 1), so every mask is stretched to 256 x 256 whatever its aspect ratio, and nothing is padded.
+  We reproduce that (for square images it is also the intended frame).
+
+Differences in the last float bit: the smoothing runs in float64 rounded to float32 (bioimage_cpp rounds each
+pass in float32), so a smoothed distance can differ by one float32 ulp (1e-7); mirror-symmetric ties stay ties
+(both sum symmetric pairs first), and a maximum that wins by one ulp is the only case where a point could move.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from usam_bioimageio import registry
+from usam_bioimageio.embeddings.types import Embeddings
+from usam_bioimageio.errors import InputError
+from usam_bioimageio.prompting.predict import PromptResult, segment_from_prompts
+from usam_bioimageio.runtime.model import SamModel
+
+__all__ = ["box_from_mask", "logits_from_mask", "points_from_mask", "segment_from_mask"]
+
+# µSAM's _compute_logits_from_mask: logits of probabilities 1 - eps and eps
+MASK_PROMPT_EPS = 1e-3
+INNER_MIN_DISTANCE, OUTER_MIN_DISTANCE = 3, 5  # µSAM's peak_local_max min_distance for positive / negative
+SMOOTHING_SIGMA = 1.0
+
+
+def _as_mask(mask, what: str = "mask") -> np.ndarray:
+    """A 2D mask as bool (µSAM reads ``mask == 1``); an empty one is refused (it yields no prompt)."""
+    a = np.asarray(mask)
+    if a.ndim != 2:
+        raise InputError(f"{what} must be 2D (H, W), got shape {a.shape}")
+    a = a == 1
+    if not a.any():
+        raise InputError(f"{what} is empty: no box, points or mask prompt can be derived from it")
+    return a
+
+
+def _check_extension(box_extension: float) -> float:
+    if isinstance(box_extension, bool) or not np.isfinite(box_extension) or box_extension < 0:
+        raise InputError(f"box_extension must be a finite number >= 0, got {box_extension!r}")
+    return float(box_extension)
+
+
+def _process_box(box_yx: np.ndarray, shape: Tuple[int, int], box_extension: float) -> np.ndarray:
+    """µSAM's ``_process_box`` without ``original_size``: (y0, x0, y1, x1) -> extended, clipped (x0, y0, x1, y1)."""
+    y0, x0, y1, x1 = box_yx
+    if box_extension == 0:
+        ey = ex = 0
+    elif box_extension >= 1:  # pixels
+        ey = ex = box_extension
+    else:  # a fraction of the extent
+        ey, ex = box_extension * (y1 - y0), box_extension * (x1 - x0)
+    box = np.array([max(x0 - ex, 0), max(y0 - ey, 0), min(x1 + ex, shape[1]), min(y1 + ey, shape[0])])
+    return np.round(box).astype(np.int64)
+
+
+def box_from_mask(*, mask: np.ndarray, box_extension: float = 0.0) -> np.ndarray:
+    """The box prompt of a mask: (4,) int64 (x0, y0, x1, y1), x1 / y1 exclusive, extended by ``box_extension``."""
+    m = _as_mask(mask)
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    return _process_box(np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]), m.shape,
+                        _check_extension(box_extension))
+
+
+def _smoothed_distances(boundaries: np.ndarray) -> np.ndarray:
+    """bioimage_cpp's ``gaussian_smoothing(distance_transform(boundaries == 0), sigma=1)`` (float32)."""
+    from scipy import ndimage
+
+    # the exact EDT; bioimage_cpp returns it as float32 (bit-equal to scipy's, rounded)
+    distances = ndimage.distance_transform_edt(~boundaries).astype(np.float32)
+    # radius ceil(3 * sigma) (vigra's window), mirrored borders without repeating the edge pixel
+    return ndimage.gaussian_filter(distances, SMOOTHING_SIGMA, mode="mirror", truncate=3.0)
+
+
+def points_from_mask(*, mask: np.ndarray, box_extension: float = 0.0,
+                     single_point: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """The point prompts of a mask: (coords (n, 2) float64 (x, y), labels (n,) int64 1 / 0), µSAM's maxima of
+    the smoothed distance to the mask's boundary (module doc); one positive point with ``single_point``."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import find_boundaries
+
+    m = _as_mask(mask)
+    x0, y0, x1, y1 = box_from_mask(mask=m, box_extension=box_extension)
+    offset = np.array([y0, x0])
+    crop = m[y0:y1, x0:x1]
+    distances = _smoothed_distances(find_boundaries(crop, mode="outer"))
+    inner = np.where(crop, distances, np.float32(0))
+    if single_point:
+        center = np.array(np.unravel_index(int(inner.argmax()), inner.shape)) + offset
+        return center[None, ::-1].astype(np.float64), np.ones(1, np.int64)
+    outer = np.where(crop, np.float32(0), distances)
+    inner_max = peak_local_max(inner, exclude_border=False, min_distance=INNER_MIN_DISTANCE)
+    outer_max = peak_local_max(outer, exclude_border=False, min_distance=OUTER_MIN_DISTANCE)
+    coords = np.concatenate([inner_max, outer_max]).astype(np.float64) + offset
+    labels = np.concatenate([np.ones(len(inner_max), np.int64), np.zeros(len(outer_max), np.int64)])
+    return coords[:, ::-1].copy(), labels
+
+
+def _aa_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) float64 weights of torch's ``F.interpolate(mode="bilinear", antialias=True,
+    align_corners=False)`` along one axis (PIL's triangle filter, widened by the scale when downscaling)."""
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0  # interp_size / 2 = 1, times the scale when downscaling
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    matrix = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        j = np.arange(lo, hi)
+        w = np.maximum(1.0 - np.abs((j - center + 0.5) * invscale), 0.0)
+        total = w.sum()
+        matrix[i, lo:hi] = w / total if total != 0 else w
+    return matrix
+
+
+def logits_from_mask(*, mask: np.ndarray) -> np.ndarray:
+    """The mask prompt of a mask: (256, 256) float32 logits (module doc), for ``mask_inputs``.
+
+    Resizing ratios whose weights are dyadic (2x up or down, ...) are exact; otherwise a resized value within
+    float rounding of the 0.5 threshold could fall the other way than in torch.
+    """
+    m = _as_mask(mask).astype(np.float64)
+    size = registry.LOW_RES_MASK_SIZE
+    h, w = m.shape
+    if (h, w) != (size, size):  # stretched to size x size (module doc: segment_anything's size bug)
+        m = _aa_bilinear_matrix(h, size) @ m @ _aa_bilinear_matrix(w, size).T
+    high = np.log((1 - MASK_PROMPT_EPS) / MASK_PROMPT_EPS)
+    return np.where(m > 0.5, high, -high).astype(np.float32)
+
+
+def segment_from_mask(
+    model: SamModel,
+    embeddings: Embeddings,
+    *,
+    mask: np.ndarray,
+    use_box: bool = True,
+    use_mask: bool = True,
+    use_points: bool = False,
+    single_point: bool = False,
+    box_extension: float = 0.0,
+    multimask_output: bool = False,
+) -> PromptResult:
+    """Segment the object of ``mask`` (H, W) on ``embeddings`` from the prompts µSAM derives from it.
+
+    ``use_box`` / ``use_points`` / ``use_mask`` choose the prompts (any combination but none); ``single_point``
+    makes ``use_points`` one positive point. µSAM's defaults: box and mask. The result has one object:
+    ``masks`` (1, k, H, W).
+    """
+    if not isinstance(embeddings, Embeddings):
+        raise InputError(f"segment_from_mask takes the Embeddings of one 2D image, got {type(embeddings).__name__}")
+    m = _as_mask(mask)
+    if m.shape != tuple(embeddings.original_shape):
+        raise InputError(f"mask of shape {m.shape} does not match the image of shape "
+                         f"{tuple(embeddings.original_shape)} the embeddings come from")
+    if not (use_box or use_mask or use_points):
+        raise InputError("segment_from_mask needs at least one of use_box, use_mask, use_points")
+    box_extension = _check_extension(box_extension)
+    points = labels = box = logits = None
+    if use_points:
+        points, labels = points_from_mask(mask=m, box_extension=box_extension, single_point=single_point)
+    if use_box:
+        box = box_from_mask(mask=m, box_extension=box_extension).astype(np.float64)
+    if use_mask:
+        logits = logits_from_mask(mask=m)
+    # no maxima found (e.g. no background in the box) -> no points: as in SamPredictor, only the padding point
+    return segment_from_prompts(
+        model, embeddings,
+        points=None if points is None else points[None], point_labels=None if labels is None else labels[None],
+        boxes=None if box is None else box[None], mask_inputs=None if logits is None else logits[None],
+        multimask_output=multimask_output)
