@@ -164,7 +164,8 @@ class _Identity:
         self.encoder_identity = identity
 
 
-def write_cache(path: Path, image: np.ndarray, identity: str = "x" * 64, stack: bool = False) -> Path:
+def write_cache(path: Path, image: np.ndarray, identity: str = "x" * 64, stack: bool = False,
+                value: float = 0.5) -> Path:
     """A complete cache of ours for ``image`` with zero features, written without a model."""
     from usam_bioimageio.embeddings.cache import EmbeddingCache, make_signature
 
@@ -173,7 +174,7 @@ def write_cache(path: Path, image: np.ndarray, identity: str = "x" * 64, stack: 
     store = EmbeddingCache.open(path, signature=make_signature(_Identity(identity), image, stack=stack, tiling=None),
                                 n_slices=n, image_shape=shape, tiling=None)
     for z in range(n):  # not zeros: zarr does not store chunks equal to the fill value
-        store.write(z, 0, np.full((1, 256, 64, 64), 0.5, np.float32))
+        store.write(z, 0, np.full((1, 256, 64, 64), value, np.float32))
     return path
 
 
@@ -706,6 +707,120 @@ def _(ws):
     return ws.segment(model=ws.p("fam")), "family.yaml"
 
 
+# usam train: its output, checked before any data is read or a model is built
+def _train(ws, out, *extra, data=None):
+    if data is None:
+        ws.write("train/images/a.tif", ws.image)
+        ws.write("train/labels/a.tif", (ws.image > 2000).astype(np.uint16))
+        data = ["--train-images", ws.p("train/images"), "--train-labels", ws.p("train/labels")]
+    return ["train", *data, "--output", ws.p(out) if not out.startswith("/") else out, "--model-type", "vit_t",
+            *extra]
+
+
+@case("train-output-is-the-train-images")
+def _(ws):
+    return _train(ws, "train/images"), "is the --train-images input"
+
+
+@case("train-output-is-the-data")
+def _(ws):
+    ws.write("data/splits.json", {"train": [], "val": []})
+    return _train(ws, "data", data=["--data", ws.p("data")]), "is the --data input"
+
+
+@case("train-output-is-the-checkpoint-folder")
+def _(ws):
+    ws.write("run/best.pt", b"x")
+    return _train(ws, "run", "--checkpoint", ws.p("run")), "is the --checkpoint input"
+
+
+@case("train-output-holds-checkpoints")
+def _(ws):
+    ws.write("run/latest.pt", b"old run")
+    return _train(ws, "run"), "pass --overwrite"
+
+
+@case("train-output-holds-other-files")
+def _(ws):
+    ws.write("run/thesis.txt", "years of work")
+    return _train(ws, "run", "--checkpoint", ws.p("img.tif")), "is not empty"
+
+
+@case("train-output-is-a-file")
+def _(ws):
+    ws.write("run", "x")
+    return _train(ws, "run"), "is a file"
+
+
+@case("train-output-unwritable")
+def _(ws):
+    return _train(ws, "/proc/usam-no-such/run"), "cannot write"
+
+
+@case("train-labels-missing")
+def _(ws):
+    ws.write("train/images/a.tif", ws.image)
+    return _train(ws, "run", data=["--train-images", ws.p("train/images"), "--train-labels",
+                                   ws.p("train/none")]), "no such folder"
+
+
+# usam evaluate: a folder holding only the plots of a report is a report
+@case("evaluate-out-holds-report-plots")
+def _(ws):
+    ws.write("rep/automatic.png", png_bytes(np.zeros((4, 4), np.uint8)))
+    return _evaluate(ws, "rep"), "pass --overwrite"
+
+
+# usam ais / amg on a folder: a bad fifth image (or its embeddings) fails before the model loads, nothing written
+def _folder_with_bad_fifth(ws, name, data):
+    for stem in "abcd":
+        ws.write(f"images/{stem}.tif", ws.image)
+    ws.write(f"images/{name}", data)
+
+
+@case("ais-folder-fifth-image-is-a-stack")
+def _(ws):
+    _folder_with_bad_fifth(ws, "e.tif", stack8())
+    return ws.auto("ais", image="images", out="out"), "e.tif holds a stack of 8 slices"
+
+
+@case("ais-folder-fifth-png-declares-2.5-gigapixels")
+def _(ws):
+    _folder_with_bad_fifth(ws, "e.png", png_header_only(50_000, 50_000))
+    return ws.auto("ais", image="images", out="out"), "pixel budget"
+
+
+@case("amg-folder-fifth-image-nan")
+def _(ws):
+    _folder_with_bad_fifth(ws, "e.tif", np.full((H, W), np.nan, np.float32))
+    return ws.auto("amg", image="images", out="out"), "NaN or infinite"
+
+
+@case("amg-folder-fifth-image-unreadable")
+def _(ws):
+    _folder_with_bad_fifth(ws, "e.tif", os.urandom(500))
+    return ws.auto("amg", image="images", out="out"), "cannot read image"
+
+
+@case("ais-folder-fifth-embeddings-of-another-image")
+def _(ws):
+    _folder_with_bad_fifth(ws, "e.tif", ws.image)
+    (ws.root / "emb").mkdir()
+    for stem in "abcd":
+        npz_for(ws, ws.image, f"emb/{stem}.npz")
+    npz_for(ws, ws.image[::-1], "emb/e.npz")
+    return ws.auto("ais", "--embeddings", ws.p("emb"), image="images", out="out"), "computed for another image"
+
+
+# micro-sam's caches: checked against the image by the data_signature micro-sam records (sha1 of the pixels)
+@case("cache-micro-sam-of-another-image")
+def _(ws):
+    import shutil
+
+    shutil.copytree(Path(__file__).parent / "data" / "micro_sam_caches" / "2d.zarr", ws.root / "ms.zarr")
+    return ws.segment("--embeddings", ws.p("ms.zarr")), "data_signature"
+
+
 CASE_NAMES = sorted(CASES)
 
 
@@ -781,8 +896,11 @@ def test_model_url_connection_refused(suffix, tmp_path, capsys, monkeypatch):
     run_failing(tmp_path, ws.segment(model=f"http://127.0.0.1:{free_port()}{suffix}"), 1, "refused", capsys)
 
 
-def test_truncated_cache_chunk_is_refused_after_the_model_loads(vit_t_family, tmp_path, capsys, monkeypatch):
-    """A damaged features chunk is found when it is read (after the model loads): a message, no traceback."""
+@pytest.mark.parametrize("damage,message", [("truncated", "cannot be read"), ("deleted", "missing or changed")])
+def test_damaged_cache_chunk_is_refused_after_the_model_loads(damage, message, vit_t_family, tmp_path, capsys,
+                                                              monkeypatch):
+    """A damaged features chunk is found when it is read (after the model loads): a message, no traceback; a
+    deleted one too (zarr would read zeros: the item's checksum shows it)."""
     from usam_bioimageio.runtime.packages import load_family
 
     monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
@@ -793,9 +911,11 @@ def test_truncated_cache_chunk_is_refused_after_the_model_loads(vit_t_family, tm
               ("zarr.json", ".zarray", ".zattrs")]
     assert chunks
     for chunk in chunks:
-        chunk.write_bytes(chunk.read_bytes()[:50])
-    run_failing(tmp_path, ws.segment("--embeddings", str(cache), model=str(vit_t_family[0])), 1,
-                "cannot be read", capsys)
+        if damage == "deleted":
+            chunk.unlink()
+        else:
+            chunk.write_bytes(chunk.read_bytes()[:50])
+    run_failing(tmp_path, ws.segment("--embeddings", str(cache), model=str(vit_t_family[0])), 1, message, capsys)
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -878,6 +998,111 @@ def test_export_swaps_a_family_in_and_keeps_the_old_one_on_failure(tmp_path, mon
     (empty / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="no family.yaml"):
         family._check_replaceable(empty, overwrite=True)
+
+
+# -- gaps of the first pass: caches, ais / amg outputs, usam train, the evaluate report ----------------------------
+
+def _feature_chunks(cache: Path) -> list:
+    return [p for p in (cache / "features").rglob("*") if p.is_file() and p.name not in
+            ("zarr.json", ".zarray", ".zattrs")]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "replaced"])
+def test_damaged_chunk_of_a_complete_cache_is_an_error_not_zeros(damage, tmp_path):
+    """zarr reads a deleted chunk as its fill value (zeros) and a chunk copied from elsewhere decodes fine: the
+    checksum written with each item shows both, naming the cache and what to do."""
+    from usam_bioimageio.embeddings.cache import load_cache
+    from usam_bioimageio.errors import CacheDamagedError
+
+    image = np.random.default_rng(0).integers(0, 4000, size=(H, W), dtype=np.uint16)
+    cache = write_cache(tmp_path / "c.zarr", image)
+    assert np.all(load_cache(cache)[0].features == 0.5)
+    (chunk,) = _feature_chunks(cache)
+    if damage == "deleted":
+        chunk.unlink()
+    else:  # a valid chunk of other features: same shape, same codecs
+        other = write_cache(tmp_path / "other.zarr", image, value=0.25)
+        chunk.write_bytes(_feature_chunks(other)[0].read_bytes())
+    with pytest.raises(CacheDamagedError, match="c.zarr.*missing or changed.*delete the cache and compute it again"):
+        load_cache(cache)[0]
+
+
+def _fake_automatic(monkeypatch, labels):
+    """usam ais without a model: the model, the embeddings and the segmentation are stand-ins."""
+    import usam_bioimageio.automatic.ais.decoder as decoder
+    import usam_bioimageio.cli.automatic as automatic
+    from usam_bioimageio.runtime.model import SamModel
+
+    monkeypatch.setattr(SamModel, "load", classmethod(lambda cls, *args, **kwargs: object()))
+    monkeypatch.setattr(automatic, "_embeddings_for_job", lambda *args, **kwargs: None)
+    monkeypatch.setattr(decoder, "automatic_instance_segmentation", lambda *args, **kwargs: labels)
+
+
+def test_ais_png_of_more_than_65535_labels_writes_nothing(tmp_path, capsys, monkeypatch):
+    """Found only after segmenting: refused before the label PNG or the overlay is written."""
+    monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
+    _fake_automatic(monkeypatch, np.arange(1, H * W + 1, dtype=np.uint32).reshape(H, W) * 20)
+    ws = Workspace(tmp_path / "ws")
+    run_failing(tmp_path, ws.auto("ais", "--overlay", ws.p("o.png"), out="labels.png"), 1,
+                "do not fit a 16-bit PNG", capsys)
+
+
+def test_ais_folder_checks_every_image_then_writes_every_result(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
+    _fake_automatic(monkeypatch, np.ones((H, W), np.uint32))
+    ws = Workspace(tmp_path / "ws")
+    for stem in "abcde":
+        ws.write(f"images/{stem}.tif", ws.image)
+    assert main(ws.auto("ais", "--overlay", ws.p("ov"), image="images", out="out")) == 0
+    assert sorted(p.name for p in (ws.root / "out").iterdir()) == [f"{s}.tif" for s in "abcde"]
+    assert sorted(p.name for p in (ws.root / "ov").iterdir()) == [f"{s}.png" for s in "abcde"]
+
+
+def test_train_output_resumed_or_overwritten(tmp_path):
+    """A non-empty --output is taken when resuming from a checkpoint in it, or with --overwrite."""
+    from usam_bioimageio.cli.train import check_train_output
+    from usam_bioimageio.errors import OutputError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest.pt").write_bytes(b"checkpoint")
+    inputs = [("--data", tmp_path)]
+    check_train_output(run, inputs, str(run / "latest.pt"), overwrite=False)  # resuming
+    check_train_output(run, inputs, None, overwrite=True)
+    check_train_output(tmp_path / "new", inputs, None, overwrite=False)
+    with pytest.raises(OutputError, match="resume with --checkpoint"):
+        check_train_output(run, inputs, None, overwrite=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["latest.pt", "run"]
+
+
+def test_evaluate_report_is_swapped_in_and_a_failure_leaves_the_old_one(tmp_path, monkeypatch):
+    from usam_bioimageio.evaluation import report
+
+    scores = {"msa": 0.5, "sa50": 0.6, "sa75": 0.4}
+    results = {"n_val": 1, "n_test": 2, "baseline": scores, "ais": {"best": {"t": 1}, "test": scores}}
+    report.write_report(results, tmp_path / "rep", title="first", command="usam evaluate")
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["automatic.png", "report.md", "results.json"]
+    before = snapshot(tmp_path)
+    plot = report._plot
+
+    def failing(path, draw):  # the second plot fails: the first one was written already
+        if path.name == "automatic.png":
+            raise OSError("No space left on device")
+        plot(path, draw)
+
+    monkeypatch.setattr(report, "_plot", failing)
+    interactive = {"box": {k: [0.1, 0.2] for k in scores}}
+    with pytest.raises(OSError, match="No space"):
+        report.write_report({**results, "interactive": interactive}, tmp_path / "rep", title="second", command="x")
+    assert snapshot(tmp_path) == before  # no partial report, no staging folder
+    monkeypatch.setattr(report, "_plot", plot)
+    # a folder with the user's other files keeps them; a plot the new report lacks is removed
+    (tmp_path / "rep" / "notes.txt").write_text("mine")
+    report.write_report({"n_val": 0, "n_test": 2, "interactive": interactive}, tmp_path / "rep", title="third",
+                        command="x")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["interactive.png", "notes.txt", "rep", "report.md",
+                                                           "results.json"]
+    assert "# third" in (tmp_path / "rep" / "report.md").read_text()
 
 
 # -- property-based fuzzing of the readers ---------------------------------------------------------------------

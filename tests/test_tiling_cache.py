@@ -569,6 +569,27 @@ def test_reads_micro_sam_caches(micro_sam_caches):
     assert seen == 1 + 9 + 1 + 3 + 12
 
 
+def test_micro_sam_cache_is_checked_against_the_image(micro_sam_caches):
+    """micro-sam records ``data_signature`` (sha1 of the array's bytes) in its root attrs; the same is computed from
+    the image read, and a cache of other data is refused (segment / ais / amg --embeddings) before a model loads."""
+    from usam_bioimageio.cli.files import check_embeddings_for
+    from usam_bioimageio.embeddings.cache import check_micro_sam_cache
+
+    rng = np.random.default_rng(0)  # the fixture's image and volume (scripts/micro_sam_cache_fixture.py)
+    image = rng.integers(0, 4000, (300, 500)).astype(np.uint16)
+    volume = rng.integers(0, 255, (3, 90, 70)).astype(np.uint8)
+    for name in ("2d", "2d_tiled", "2d_tiled_mask"):
+        check_embeddings_for(micro_sam_caches / f"{name}.zarr", image)
+        with pytest.raises(CacheMismatchError, match=f"{name}.zarr.*data_signature"):
+            check_embeddings_for(micro_sam_caches / f"{name}.zarr", image + 1)
+    for name in ("3d", "3d_tiled"):
+        check_micro_sam_cache(micro_sam_caches / f"{name}.zarr", volume)
+        with pytest.raises(CacheMismatchError, match="data_signature"):
+            check_micro_sam_cache(micro_sam_caches / f"{name}.zarr", volume[:2])
+    with pytest.raises(CacheMismatchError, match="data_signature"):  # a 2D cache for one slice of the volume
+        check_embeddings_for(micro_sam_caches / "2d.zarr", volume[0])
+
+
 def test_micro_sam_cache_is_not_reused_as_ours(micro_sam_caches, fake_model):
     image = np.zeros((300, 500), np.uint16)
     with pytest.raises(ValueError, match="micro-sam"):
