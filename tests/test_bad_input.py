@@ -821,6 +821,15 @@ def _(ws):
     return ws.segment("--embeddings", ws.p("ms.zarr")), "data_signature"
 
 
+@case("cache-micro-sam-3d-of-another-stack")
+def _(ws):
+    import shutil
+
+    shutil.copytree(Path(__file__).parent / "data" / "micro_sam_caches" / "3d.zarr", ws.root / "ms.zarr")
+    ws.write("stack.tif", stack8())
+    return ws.auto("ais", "--embeddings", ws.p("ms.zarr"), image="stack.tif"), "data_signature"
+
+
 CASE_NAMES = sorted(CASES)
 
 

@@ -300,8 +300,9 @@ def load_embeddings_for(path: Path, image: np.ndarray, model):
 def check_stack_embeddings_for(path: Path, stack: np.ndarray) -> None:
     """--embeddings of a stack (a volume or time series): refuse, before any model is loaded, anything but a stack
     cache of this stack: an .npz or a 2D image's cache, another slice count, another slice shape, other data.
-    micro-sam's caches are checked once loaded (:func:`load_stack_embeddings_for`)."""
-    from usam_bioimageio.embeddings.cache import EmbeddingCache, data_sha256, is_micro_sam_cache
+    micro-sam's caches by the data_signature they record, their shapes once loaded
+    (:func:`load_stack_embeddings_for`)."""
+    from usam_bioimageio.embeddings.cache import EmbeddingCache, check_micro_sam_cache, data_sha256, is_micro_sam_cache
     from usam_bioimageio.errors import InputError
 
     path = Path(path)
@@ -312,6 +313,7 @@ def check_stack_embeddings_for(path: Path, stack: np.ndarray) -> None:
         raise InputError(f"{path} holds the embeddings of one 2D image; a stack of {n} slices needs a stack cache "
                          "of `usam embed --cache PATH --stack`")
     if is_micro_sam_cache(path):
+        check_micro_sam_cache(path, stack)
         return
     cache = EmbeddingCache.read(path)
     if cache.signature.get("kind") != "stack":
