@@ -1112,6 +1112,13 @@ def test_evaluate_report_is_swapped_in_and_a_failure_leaves_the_old_one(tmp_path
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["interactive.png", "notes.txt", "rep", "report.md",
                                                            "results.json"]
     assert "# third" in (tmp_path / "rep" / "report.md").read_text()
+    # --out . (the working directory, here holding only a report) is written into, never renamed away
+    (tmp_path / "rep" / "notes.txt").unlink()
+    inode = (tmp_path / "rep").stat().st_ino
+    monkeypatch.chdir(tmp_path / "rep")
+    report.write_report(results, Path("."), title="fourth", command="x")
+    assert (tmp_path / "rep").stat().st_ino == inode and "# fourth" in Path("report.md").read_text()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["automatic.png", "rep", "report.md", "results.json"]
 
 
 # -- property-based fuzzing of the readers ---------------------------------------------------------------------

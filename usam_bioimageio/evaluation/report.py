@@ -92,7 +92,7 @@ def _row(name: str, scores: Dict[str, float]) -> str:
 def write_report(results: Dict[str, Any], out_dir: Path, *, title: str, command: str) -> Path:
     """report.md (+ results.json and plots) from :func:`run_evaluation`'s numbers, written into a hidden staging
     folder beside ``out_dir`` and swapped in (:func:`_swap_in`); nothing of it is left when writing fails."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # "--out ." has no name to put a sibling beside
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     staging.mkdir()
@@ -107,10 +107,13 @@ def write_report(results: Dict[str, Any], out_dir: Path, *, title: str, command:
 def _swap_in(staging: Path, out_dir: Path) -> None:
     """Move the report in ``staging`` to ``out_dir``. A new, empty or report-only folder is replaced as a whole
     (renamed: atomic; an old report is renamed aside until the new one is in place); a folder that also holds the
-    user's other files (or is a symlink) keeps them: each report file is moved in on its own (atomic per file,
-    report.md last) and report files the new report lacks (a plot of a mode not run) are removed after."""
+    user's other files, or the working directory (never renamed away under the user's shell), keeps them: each
+    report file is moved in on its own (atomic per file, report.md last) and report files the new report lacks
+    (a plot of a mode not run) are removed after."""
     written = [name for name in REPORT_FILES if (staging / name).exists()]
-    if out_dir.is_symlink() or (out_dir.is_dir() and any(p.name not in REPORT_FILES for p in out_dir.iterdir())):
+    cwd = Path.cwd().resolve()
+    if out_dir.is_dir() and (out_dir == cwd or out_dir in cwd.parents
+                             or any(p.name not in REPORT_FILES for p in out_dir.iterdir())):
         for name in written:
             os.replace(staging / name, out_dir / name)
         for name in REPORT_FILES:
