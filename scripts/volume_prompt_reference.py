@@ -10,8 +10,9 @@ encoder computes with the loaded weights as our packages do. The image: a crop o
 ``1135_mini_raw.tif`` (9 slices x 64 x 64 around nucleus 27); the object masks come from its ground truth.
 µSAM's own embeddings (``util.precompute_image_embeddings``) feed µSAM's own functions:
 
-* ``prompts.npz`` / ``meta.json["prompts"]``: the prompts µSAM derives from masks (``_compute_box_from_mask``,
-  ``_compute_points_from_mask``, ``_compute_logits_from_mask``) for label masks of several image sizes: no model.
+* ``prompt_*`` / ``meta.json["prompts"]``: the prompts µSAM derives from masks (``_compute_box_from_mask``,
+  ``_compute_points_from_mask``, ``_compute_logits_from_mask``) for label masks of several image sizes: no model;
+  ``meta.json["sweep"]``: the same for every object of a few label slices (the mask prompt as a sha256).
 * ``from_mask_<case>``: ``segment_from_mask`` on slice 4 with each prompt combination (packed bits, 64 x 64).
 * ``volume_<case>_<projection>``: ``segment_mask_in_volume`` (packed bits, 9 x 64 x 64) and its (z_min, z_max)
   in meta.json, for every projection mode, from one or several annotated ground-truth slices.
@@ -74,6 +75,27 @@ PROMPT_CASES = {
     "edge_64": (35, 0, 64, 0, 64, 14, 3, 0),
     "padded_300": (69, 0, 100, 0, 100, 27, 0.0, 100),  # 300 x 300: downscaled to 256, non-dyadic weights
 }
+
+
+# prompt derivation sweep: every object of these label slices, in three image shapes (as is, cut to 50 x 80,
+# zero-padded to 270 x 137), box extensions cycling through SWEEP_EXTENSIONS; only the prompts are stored
+SWEEP_SLICES = (10, 35, 40, 50, 69, 80)
+SWEEP_EXTENSIONS = (0.0, 0.05, 3, 0.2)
+
+
+def sweep_masks(data: Path):
+    """(name, mask, box_extension) for the prompt sweep, in a fixed order."""
+    import tifffile
+
+    labels = tifffile.imread(data / LABELS)
+    i = 0
+    for z in SWEEP_SLICES:
+        for obj in np.unique(labels[z])[1:]:
+            mask = labels[z] == obj
+            for variant, m in (("full", mask), ("cut", mask[:50, :80]), ("padded", np.pad(mask, ((0, 170), (0, 37))))):
+                if m.any():
+                    yield f"z{z}_obj{obj}_{variant}", m, SWEEP_EXTENSIONS[i % len(SWEEP_EXTENSIONS)]
+                    i += 1
 
 
 def state_sha256(state) -> str:
@@ -142,6 +164,17 @@ def main() -> None:
             "case": list(case), "shape": list(mask.shape), "box_extension": ext, "box": box.tolist(),
             "points": np.asarray(pts, float).tolist(), "labels": np.asarray(lab).tolist(),
             "single_point": np.asarray(single, float).tolist(), "logits_values": sorted(set(logits.ravel().tolist())),
+        }
+
+    meta["sweep"] = {}
+    for name, mask, ext in sweep_masks(args.data):
+        m = mask.astype("uint8")
+        pts, lab = _compute_points_from_mask(m, original_size=None, box_extension=ext)
+        single, _ = _compute_points_from_mask(m, original_size=None, box_extension=ext, use_single_point=True)
+        meta["sweep"][name] = {
+            "box": _compute_box_from_mask(m, box_extension=ext).tolist(), "points": np.asarray(pts, float).tolist(),
+            "labels": np.asarray(lab).tolist(), "single_point": np.asarray(single, float).tolist(),
+            "logits_sha256": hashlib.sha256(np.packbits(_compute_logits_from_mask(m)[0] > 0).tobytes()).hexdigest(),
         }
 
     volume, gt = crop_volume(args.data)

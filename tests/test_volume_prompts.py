@@ -83,6 +83,23 @@ def test_prompts_from_a_mask_are_micro_sams(name, results):
     assert np.array_equal(logits > 0, _unpack(results[f"prompt_{name}_logits"], (256, 256)))
 
 
+def test_prompt_sweep_is_micro_sams():
+    """Every object of a few GoNuclear label slices in three image shapes: the same box, points (same order:
+    ties between distance maxima decide them, so the smoothing must be bit-exact) and mask prompt."""
+    import hashlib
+
+    differ = []
+    for name, mask, ext in REF.sweep_masks(DATA):
+        case = META["sweep"][name]
+        points, labels = points_from_mask(mask=mask, box_extension=ext)
+        single, _ = points_from_mask(mask=mask, box_extension=ext, single_point=True)
+        logits = hashlib.sha256(np.packbits(logits_from_mask(mask=mask) > 0).tobytes()).hexdigest()
+        got = {"box": box_from_mask(mask=mask, box_extension=ext).tolist(), "points": points.tolist(),
+               "labels": labels.tolist(), "single_point": single.tolist(), "logits_sha256": logits}
+        differ += [f"{name}: {k}" for k in got if got[k] != case[k]]
+    assert len(META["sweep"]) > 100 and not differ, differ
+
+
 def _iou(a, b):
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
