@@ -12,7 +12,8 @@ embeddings:
   ``stop_lower`` / ``stop_upper``: do not go below / above at all.
 * Between two annotated slices (no IoU test): adjacent ones need nothing; with one slice between them it is
   segmented from the union of both masks; otherwise each half is propagated from its end, and when the gap is
-  even the middle slice is segmented from the union of its two neighbours. Next to a stopped end
+  even the middle slice is segmented from the union of its two neighbours. (µSAM segments these union slices
+  without ``use_single_point``: in ``single_point`` mode they get all the points; kept.) Next to a stopped end
   (``stop_lower`` at the lowest annotated slice, ``stop_upper`` at the highest), the gap is filled from the
   other end only.
 
@@ -118,8 +119,8 @@ def segment_mask_in_volume(
 ) -> VolumeSegmentation:
     """Project an object through a volume from the slices where it is segmented (module doc).
 
-    ``segmentation`` (Z, H, W): the object (pixels == 1) on ``segmented_slices``, other slices are overwritten
-    (the input is not changed). Defaults are those of µSAM's annotator. The progress bar counts slices.
+    ``segmentation`` (Z, H, W): the object (pixels == 1) on ``segmented_slices``; the slices the projection
+    reaches are overwritten, the others kept (in a copy: the input is not changed). Defaults are those of µSAM's annotator. The progress bar counts slices.
     """
     masks, annotated = _check_inputs(embeddings, segmentation, segmented_slices, iou_threshold)
     prompts = projection_prompts(projection)
@@ -128,10 +129,13 @@ def segment_mask_in_volume(
     bar = progress_bar(n - len(annotated), 0, "slices", progress)
     bar.unit = "slice"
 
-    def segment(z: int, prompt: np.ndarray) -> np.ndarray:
+    def segment(z: int, prompt: np.ndarray, *, union: bool = False) -> np.ndarray:
         if not prompt.any():  # see the module doc: µSAM would decode without prompts
             return np.zeros_like(prompt)
-        result = segment_from_mask(model, embeddings[z], mask=prompt, box_extension=box_extension, **prompts)
+        # µSAM segments a slice from the union of its two neighbours without use_single_point: in
+        # "single_point" mode those slices get all the points
+        flags = dict(prompts, single_point=False) if union else prompts
+        result = segment_from_mask(model, embeddings[z], mask=prompt, box_extension=box_extension, **flags)
         return result.masks[0, 0]
 
     def segment_range(z_start: int, z_stop: int, step: int, past_stop, threshold=None) -> int:
@@ -162,13 +166,13 @@ def segment_mask_in_volume(
             elif z_stop == z1 and stop_upper:
                 segment_range(z_start, z_stop, 1, np.greater_equal)
             elif gap == 2:
-                masks[z_start + 1] = segment(z_start + 1, masks[z_start] | masks[z_stop])
+                masks[z_start + 1] = segment(z_start + 1, masks[z_start] | masks[z_stop], union=True)
                 bar.update(1)
             else:
                 segment_range(z_start, z_mid, 1, np.greater_equal if gap % 2 == 0 else np.greater)
                 segment_range(z_stop, z_mid, -1, np.less_equal)
                 if gap % 2 == 0:  # the middle slice is as far from both ends: from its two neighbours
-                    masks[z_mid] = segment(z_mid, masks[z_mid - 1] | masks[z_mid + 1])
+                    masks[z_mid] = segment(z_mid, masks[z_mid - 1] | masks[z_mid + 1], union=True)
                     bar.update(1)
     finally:
         bar.close()
