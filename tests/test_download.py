@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import http.server
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
+from loopback import serve
 from usam_bioimageio.io import download
 from usam_bioimageio.errors import ChecksumError, DownloadError
 from usam_bioimageio.io.download import cache_dir, fetch, sha256_of
@@ -19,31 +16,6 @@ from usam_bioimageio.io.download import cache_dir, fetch, sha256_of
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, more than one read chunk
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    requests: list  # set per server
-
-    def do_GET(self):  # noqa: N802
-        self.requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):  # keep the test output quiet
-        pass
-
-
-@contextlib.contextmanager
-def serve_dir(directory: Path):
-    """Serve ``directory`` on 127.0.0.1:<free port>; yields (base_url, list of requested paths)."""
-    requests: list = []
-    handler = type("Handler", (_Handler,), {"requests": requests})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.fixture
@@ -51,7 +23,7 @@ def served(tmp_path):
     root = tmp_path / "served"
     root.mkdir()
     (root / "model.pt").write_bytes(PAYLOAD)
-    with serve_dir(root) as (base, requests):
+    with serve(root) as (base, requests):
         yield base, requests, root
 
 

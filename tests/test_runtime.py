@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import shutil
-import threading
 import zipfile
 
 import numpy as np
 import pytest
 import tifffile
+from loopback import serve
 
 from usam_bioimageio.cli import main as cli
 from usam_bioimageio.embeddings.compute import compute_embeddings
@@ -45,14 +43,8 @@ def http_root(tmp_path):
     """Serve tmp_path/www on 127.0.0.1; yields (root folder, base URL)."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(root) as (base, _):
+        yield root, base
 
 
 def test_family_from_folder_has_both_packages(vit_t_family):

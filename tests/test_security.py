@@ -7,18 +7,17 @@ URLs are served from 127.0.0.1 only.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import http.server
 import shutil
-import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+from loopback import serve
 
 from usam_bioimageio.errors import ChecksumError, PackageError, UntrustedPackageError, UsamError
 from usam_bioimageio.runtime import packages
@@ -98,37 +97,6 @@ def cache(tmp_path, monkeypatch):
     return d
 
 
-@contextlib.contextmanager
-def serve(directory: Path, routes=None):
-    """Serve ``directory`` (and ``routes``: path -> (content type, bytes)) on 127.0.0.1; yields (base URL, the
-    requested paths)."""
-    requests: list = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            requests.append(self.path)
-            if routes and self.path in routes:
-                kind, body = routes[self.path]
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def _image(tmp_path: Path) -> Path:
