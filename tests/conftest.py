@@ -101,6 +101,28 @@ def real_images():
     ]
 
 
+@pytest.fixture(scope="session")
+def model(vit_t_family):
+    """The seeded vit_t family loaded for ONNX Runtime (modules may define their own ``model``)."""
+    from usam_bioimageio.runtime.model import SamModel
+
+    return SamModel.load(vit_t_family[0])
+
+
+@pytest.fixture(scope="session")
+def image():
+    """A real 256 x 256 uint8 image (StarDist's test image)."""
+    return real_images()[0][1]
+
+
+@pytest.fixture(scope="session")
+def embeddings(model, image):
+    """``model``'s embeddings of ``image``."""
+    from usam_bioimageio.embeddings.compute import compute_embeddings
+
+    return compute_embeddings(model, image)
+
+
 def training_crops(n: int = 12, n_min: int = 3):
     """128 x 128 crops (image, labels) of the first ``n`` DSB2018 train images with >= ``n_min`` objects."""
     import tifffile

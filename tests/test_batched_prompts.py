@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from usam_bioimageio.embeddings.compute import compute_embeddings
 from usam_bioimageio.io.overlay import masks_to_labels
 from usam_bioimageio.io.prompt_files import ObjectPrompt
 from usam_bioimageio.prompting.predict import (
@@ -15,24 +14,6 @@ from usam_bioimageio.prompting.predict import (
     segment_from_prompts,
     segment_objects,
 )
-from usam_bioimageio.runtime.model import SamModel
-
-
-@pytest.fixture(scope="module")
-def model(vit_t_family):
-    return SamModel.load(vit_t_family[0])
-
-
-@pytest.fixture(scope="module")
-def image():
-    from conftest import real_images
-
-    return real_images()[0][1]  # 256 x 256 uint8
-
-
-@pytest.fixture(scope="module")
-def embeddings(model, image):
-    return compute_embeddings(model, image)
 
 
 class CountingDecoder:

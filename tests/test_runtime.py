@@ -21,23 +21,6 @@ from usam_bioimageio.io.prompt_files import read_prompts
 from usam_bioimageio.prompting.predict import segment_from_prompts
 
 
-@pytest.fixture(scope="module")
-def model(vit_t_family):
-    return SamModel.load(vit_t_family[0])
-
-
-@pytest.fixture(scope="module")
-def image():
-    from conftest import real_images
-
-    return real_images()[0][1]  # 256 x 256 uint8
-
-
-@pytest.fixture(scope="module")
-def embeddings(model, image):
-    return compute_embeddings(model, image)
-
-
 @pytest.fixture
 def http_root(tmp_path):
     """Serve tmp_path/www on 127.0.0.1; yields (root folder, base URL)."""
