@@ -2,7 +2,7 @@
 
 The reference (tests/data/volume_prompt_reference/, written by scripts/volume_prompt_reference.py in micro-sam's
 own environment) holds µSAM's prompts derived from label masks, and µSAM's ``segment_from_mask`` /
-``segment_mask_in_volume`` results on a 9 x 64 x 64 GoNuclear crop with the seeded vit_t of ``vit_t_family``
+``segment_mask_in_volume`` results on a 7 x 64 x 64 GoNuclear crop with the seeded vit_t of ``vit_t_family``
 (µSAM's stale vit_t attention-bias cache refreshed there, so both sides compute with the loaded weights).
 Here the same weights run through our ONNX packages, on our own embeddings of the same crop.
 """
@@ -59,7 +59,7 @@ def model(vit_t_family):
 
 @pytest.fixture(scope="module")
 def volume():
-    return REF.crop_volume(DATA)  # (raw, object mask), both (9, 64, 64)
+    return REF.crop_volume(DATA)  # (raw, object mask), both (7, 64, 64)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_prompt_sweep_is_micro_sams():
         got = {"box": box_from_mask(mask=mask, box_extension=ext).tolist(), "points": points.tolist(),
                "labels": labels.tolist(), "single_point": single.tolist(), "logits_sha256": logits}
         differ += [f"{name}: {k}" for k in got if got[k] != case[k]]
-    assert len(META["sweep"]) > 100 and not differ, differ
+    assert len(META["sweep"]) > 40 and not differ, differ
 
 
 def _iou(a, b):

@@ -34,7 +34,9 @@ from usam_bioimageio import registry
 from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.errors import InputError
 from usam_bioimageio.prompting.predict import PromptResult, segment_from_prompts
+from usam_bioimageio.runtime.geometry import upscale_masks_binary
 from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.runtime.packages import check_encoder
 
 __all__ = ["box_from_mask", "logits_from_mask", "points_from_mask", "segment_from_mask"]
 
@@ -44,15 +46,32 @@ INNER_MIN_DISTANCE, OUTER_MIN_DISTANCE = 3, 5  # µSAM's peak_local_max min_dist
 SMOOTHING_SIGMA = 1.0
 
 
-def _as_mask(mask, what: str = "mask") -> np.ndarray:
+def _as_mask(mask, what: str = "mask", *, allow_empty: bool = False) -> np.ndarray:
     """A 2D mask as bool (µSAM reads ``mask == 1``); an empty one is refused (it yields no prompt)."""
     a = np.asarray(mask)
     if a.ndim != 2:
         raise InputError(f"{what} must be 2D (H, W), got shape {a.shape}")
     a = a == 1
-    if not a.any():
+    if not allow_empty and not a.any():
         raise InputError(f"{what} is empty: no box, points or mask prompt can be derived from it")
     return a
+
+
+def _decode_without_points(model: SamModel, embeddings: Embeddings, logits, multimask_output: bool) -> PromptResult:
+    """SamPredictor.predict with no points and no box (zero sparse prompt tokens, not a padding point), with the
+    mask prompt ``logits`` or none: what µSAM decodes for an empty mask."""
+    decoder = model.runner("prompt_decoder")
+    check_encoder(decoder.package, embeddings.encoder, "these embeddings come from")
+    size = registry.LOW_RES_MASK_SIZE
+    mask_input = np.zeros((size, size), np.float32) if logits is None else logits
+    out = decoder(embeddings=embeddings.features, point_coords=np.zeros((1, 0, 2), np.float32),
+                  point_labels=np.zeros((1, 0), np.float32), mask_input=mask_input[None, None],
+                  has_mask_input=np.full((1, 1), float(logits is not None), np.float32),
+                  orig_im_size=np.asarray(embeddings.original_shape, np.float32))
+    tokens = slice(1, None) if multimask_output else slice(0, 1)
+    low = np.ascontiguousarray(out["low_res_masks"][:, tokens])
+    return PromptResult(masks=upscale_masks_binary(low, embeddings.original_shape, registry.MASK_THRESHOLD),
+                        scores=np.ascontiguousarray(out["iou_predictions"][:, tokens]), low_res_logits=low)
 
 
 def _check_extension(box_extension: float) -> float:
@@ -224,22 +243,29 @@ def segment_from_mask(
     single_point: bool = False,
     box_extension: float = 0.0,
     multimask_output: bool = False,
+    allow_empty: bool = False,
 ) -> PromptResult:
     """Segment the object of ``mask`` (H, W) on ``embeddings`` from the prompts µSAM derives from it.
 
     ``use_box`` / ``use_points`` / ``use_mask`` choose the prompts (any combination but none); ``single_point``
     makes ``use_points`` one positive point. µSAM's defaults: box and mask. The result has one object:
-    ``masks`` (1, k, H, W).
+    ``masks`` (1, k, H, W). An empty mask is an error unless ``allow_empty``: then, as µSAM, it gives no box
+    or points and an all-background mask prompt, decoded without any point or box (what projecting an object
+    that vanished on the previous slice does in µSAM).
     """
     if not isinstance(embeddings, Embeddings):
         raise InputError(f"segment_from_mask takes the Embeddings of one 2D image, got {type(embeddings).__name__}")
-    m = _as_mask(mask)
+    m = _as_mask(mask, allow_empty=allow_empty)
     if m.shape != tuple(embeddings.original_shape):
         raise InputError(f"mask of shape {m.shape} does not match the image of shape "
                          f"{tuple(embeddings.original_shape)} the embeddings come from")
     if not (use_box or use_mask or use_points):
         raise InputError("segment_from_mask needs at least one of use_box, use_mask, use_points")
     box_extension = _check_extension(box_extension)
+    if not m.any():
+        high = np.float32(np.log((1 - MASK_PROMPT_EPS) / MASK_PROMPT_EPS))
+        logits = np.full((registry.LOW_RES_MASK_SIZE,) * 2, -high, np.float32) if use_mask else None
+        return _decode_without_points(model, embeddings, logits, multimask_output)
     points = labels = box = logits = None
     if use_points:
         points, labels = points_from_mask(mask=m, box_extension=box_extension, single_point=single_point)

@@ -17,9 +17,9 @@ embeddings:
   (``stop_lower`` at the lowest annotated slice, ``stop_upper`` at the highest), the gap is filled from the
   other end only.
 
-Where we differ: µSAM decodes an empty previous mask with no prompts at all (a mask unrelated to the object);
-here an empty prompt mask gives an empty slice. That happens only between annotated slices (outside them an
-empty mask ends the projection through the IoU test).
+An empty mask on the previous slice is decoded as µSAM does (``segment_from_mask(allow_empty=True)``: no box
+or points, the all-background mask prompt where the mode has one): between annotated slices, where no IoU test
+ends the projection, such a slice can turn non-empty again.
 """
 
 from __future__ import annotations
@@ -130,12 +130,11 @@ def segment_mask_in_volume(
     bar.unit = "slice"
 
     def segment(z: int, prompt: np.ndarray, *, union: bool = False) -> np.ndarray:
-        if not prompt.any():  # see the module doc: µSAM would decode without prompts
-            return np.zeros_like(prompt)
         # µSAM segments a slice from the union of its two neighbours without use_single_point: in
         # "single_point" mode those slices get all the points
         flags = dict(prompts, single_point=False) if union else prompts
-        result = segment_from_mask(model, embeddings[z], mask=prompt, box_extension=box_extension, **flags)
+        result = segment_from_mask(model, embeddings[z], mask=prompt, box_extension=box_extension,
+                                   allow_empty=True, **flags)
         return result.masks[0, 0]
 
     def segment_range(z_start: int, z_stop: int, step: int, past_stop, threshold=None) -> int:
