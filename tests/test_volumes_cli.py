@@ -3,8 +3,12 @@ packages: the CLI equals the per-slice / per-frame API (merged with ``merge_slic
 and without a stack cache; the CTC folder reads back consistent; bad input is one line and exit 1 (2 for usage),
 nothing written. Random weights give arbitrary objects: equalities and structure are tested, not quality.
 
-Inputs are tiny: 3 slices of a GoNuclear crop (100 x 100) and 3 frames of bacteria_tracking cropped to 128 x 128;
-every encoder run is paid once (two stack caches), the decoders once per CLI run.
+Inputs are tiny: 3 slices of a GoNuclear crop (100 x 100: slices 48, 49 and 48 again), also read as 3 frames of a
+time series (the linker on real cell motion is scored in reports/volumes_tracking.json). The AIS decoder runs at
+1024 x 1024 whatever the input (about 10 s per slice on 2 busy cores), so its maps are memoised by the embeddings
+they come from (exact: the same features give the same maps) and the volume repeats a slice: the decoder runs
+twice in the whole module, while every CLI run still encodes (without --embeddings), post-processes, merges or
+links and writes for real.
 """
 
 from __future__ import annotations
@@ -17,8 +21,32 @@ from conftest import DATA
 from usam_bioimageio.cli.main import main
 
 GONUCLEAR = DATA / "gonuclear3d"
-BACTERIA = DATA / "bacteria_tracking" / "data" / "bacteria" / "img"
-AMG_FAST = ["--points-per-side", "4"]
+AMG_FAST = ["--points-per-side", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def memoised_ais_maps():
+    """ais_maps once per distinct embeddings (features, shape, encoder); see the module doc."""
+    import hashlib
+
+    import usam_bioimageio.automatic.ais.decoder as decoder
+    from usam_bioimageio.embeddings.types import Embeddings
+
+    real, memo = decoder.ais_maps, {}
+
+    def ais_maps(model, image=None, *, embeddings=None, progress=False):
+        if not isinstance(embeddings, Embeddings):
+            return real(model, image, embeddings=embeddings, progress=progress)
+        features = np.ascontiguousarray(embeddings.features)
+        key = (hashlib.sha256(features.tobytes()).hexdigest(), features.shape, tuple(embeddings.original_shape),
+               embeddings.encoder)
+        if key not in memo:
+            memo[key] = real(model, image, embeddings=embeddings, progress=progress)
+        return memo[key].copy()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoder, "ais_maps", ais_maps)
+        yield memo
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +73,7 @@ def volume(model, tmp_path_factory):
     from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
 
     root = tmp_path_factory.mktemp("volume")
-    stack = tifffile.imread(GONUCLEAR / "1135_mini_raw.tif")[48:51]
+    stack = tifffile.imread(GONUCLEAR / "1135_mini_raw.tif")[[48, 49, 48]]
     tifffile.imwrite(root / "volume.tif", stack)
     emb = _cached(model, stack, root / "volume.zarr")  # what `usam embed --cache --stack` writes
     per_slice = np.stack([automatic_instance_segmentation(model, stack[z], embeddings=emb[z]) for z in range(3)])
@@ -53,16 +81,9 @@ def volume(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def frames(model, tmp_path_factory):
-    """(folder, 3D TIFF path, frames, stack cache path, per-frame AIS labels of the API with the cache)."""
-    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
-
-    root = tmp_path_factory.mktemp("frames")
-    stack = np.stack([tifffile.imread(BACTERIA / f"t{t:06d}.tif")[680:808, 420:548] for t in range(3)])
-    tifffile.imwrite(root / "frames.tif", stack)
-    emb = _cached(model, stack, root / "frames.zarr")
-    per_frame = np.stack([automatic_instance_segmentation(model, stack[t], embeddings=emb[t]) for t in range(3)])
-    return root, root / "frames.tif", stack, root / "frames.zarr", per_frame
+def frames(volume):
+    """The volume read as a time series (t, y, x): the same files, cache and per-frame AIS labels."""
+    return volume
 
 
 def run(argv, capsys, rc=0, message=None):
@@ -115,7 +136,7 @@ def test_amg_3d_equals_merged_api_slices(family, model, volume, tmp_path, capsys
 
     _, path, stack, cache, _ = volume
     emb = load_cache(cache)
-    params = AmgParameters(points_per_side=4)
+    params = AmgParameters(points_per_side=2)
     per_slice = np.stack([automatic_mask_generation(model, stack[z], embeddings=emb[z], params=params)
                           for z in range(3)])
     run(["amg", "--model", family, "--image", path, "--out", tmp_path / "a.tif", "--embeddings", cache, "--quiet",
@@ -179,23 +200,25 @@ def test_track_writes_a_consistent_ctc_folder(family, frames, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .part / .old folder left
 
 
-def test_track_folder_of_frames_with_an_empty_frame(family, model, frames, tmp_path, capsys):
-    """Frames sorted by name; a frame of zeros is segmented like any other (whatever AIS finds), never an error."""
-    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
+def test_track_folder_of_frames_sorted_by_name(family, frames, tmp_path, capsys):
+    """Frames sorted by name, with their embeddings as a folder of NAME.npz (written from the stack cache)."""
+    from usam_bioimageio.embeddings.cache import load_cache
+    from usam_bioimageio.embeddings.npz import save_embeddings
     from usam_bioimageio.tracking.ctc import check_tracks, read_ctc
 
-    _, _, stack, _, per_frame = frames
-    folder = tmp_path / "frames"
+    _, _, stack, cache, per_frame = frames
+    folder, emb_folder = tmp_path / "frames", tmp_path / "embeddings"
     folder.mkdir()
-    for t, name in enumerate(["b.tif", "c.tif"]):
-        tifffile.imwrite(folder / name, stack[t])
-    tifffile.imwrite(folder / "a.tif", np.zeros_like(stack[0]))
-    run(["track", "--model", family, "--image", folder, "--out", tmp_path / "ctc", "--solver", "greedy", "--quiet"],
-        capsys)
+    emb_folder.mkdir()
+    emb = load_cache(cache)
+    for name, z in (("b", 0), ("a", 1)):  # b written first, sorted second
+        tifffile.imwrite(folder / f"{name}.tif", stack[z])
+        save_embeddings(emb_folder / f"{name}.npz", emb[z], image=stack[z])
+    run(["track", "--model", family, "--image", folder, "--out", tmp_path / "ctc", "--embeddings", emb_folder,
+         "--solver", "greedy", "--quiet"], capsys)
     got = read_ctc(folder=tmp_path / "ctc")
-    assert got.n_frames == 3 and check_tracks(masks=got.masks, tracks=got.tracks) == []
-    assert same_partition(got.masks[0], automatic_instance_segmentation(model, np.zeros_like(stack[0])))
-    assert same_partition(got.masks[1], per_frame[0]) and same_partition(got.masks[2], per_frame[1])
+    assert got.n_frames == 2 and check_tracks(masks=got.masks, tracks=got.tracks) == []
+    assert same_partition(got.masks[0], per_frame[1]) and same_partition(got.masks[1], per_frame[0])
 
 
 def test_track_bad_input(family, frames, tmp_path, capsys):
@@ -249,3 +272,30 @@ def test_segment_slices_offsets_and_one_slice_without_a_model(monkeypatch):
     assert one.shape == (1, 16, 16) and np.unique(one).tolist() == [0, 1, 2]
     with pytest.raises(InputError, match="hold 2 slices, the volume 3"):
         segment_slices(None, volume, embeddings=[None, None])
+
+
+def test_track_frames_with_an_empty_frame_without_a_model(monkeypatch, tmp_path):
+    """A frame without objects is an empty frame of the tracks (the tracks around it end and start), and the CTC
+    folder of the result reads back consistent."""
+    import usam_bioimageio.automatic.ais.decoder as decoder
+    import usam_bioimageio.embeddings.compute as compute
+    from usam_bioimageio.tracking.automatic import track_frames
+    from usam_bioimageio.tracking.ctc import check_tracks, read_ctc, write_ctc
+
+    def fake_ais(model, image, *, embeddings=None, params=None, progress=False):
+        labels = np.zeros(image.shape[:2], np.uint32)
+        if image.max() > 0:
+            labels[2:6, 2:6] = 1
+        return labels
+
+    monkeypatch.setattr(decoder, "automatic_instance_segmentation", fake_ais)
+    monkeypatch.setattr(compute, "compute_embeddings", lambda model, image: None)
+    frames = np.ones((3, 16, 16), np.uint8)
+    frames[1] = 0
+    tracks = track_frames(None, frames, solver="greedy")
+    assert not tracks.masks[1].any() and tracks.tracks.tolist() == [[1, 0, 0, 0], [2, 2, 2, 0]]
+    write_ctc(folder=tmp_path / "ctc", tracks=tracks)
+    back = read_ctc(folder=tmp_path / "ctc")
+    assert check_tracks(masks=back.masks, tracks=back.tracks) == []
+    empty = track_frames(None, np.zeros((2, 16, 16), np.uint8), solver="greedy")
+    assert not empty.masks.any() and empty.tracks.shape == (0, 4)
