@@ -170,8 +170,8 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
         if is_stack(first):
             return run_volume(args, first, method, params)
     if args.gap_closing is not None or args.min_z_extent is not None:
-        raise UsageError("--gap-closing and --min-z-extent merge the slices of a 3D TIFF; "
-                         f"{args.image} is a 2D image" + (" folder" if Path(args.image).is_dir() else ""))
+        what = "a folder of 2D images" if Path(args.image).is_dir() else "a 2D image"
+        raise UsageError(f"--gap-closing and --min-z-extent merge the slices of a 3D TIFF; {args.image} is {what}")
     if jobs[0][3] is not None:
         check_embeddings_for(jobs[0][3], first)
     model = SamModel.load(args.model, weight_format=args.weight_format)
