@@ -15,7 +15,7 @@ PACKAGES = {"usam_bioimageio": ROOT / "usam_bioimageio", "usam_exporters": ROOT 
 
 # Higher may import lower or equal, never the reverse (usam_exporters counts as a group of its own).
 RANKS = {
-    "errors": 0, "settings": 0, "registry": 0, "progress": 0, "io": 0,
+    "errors": 0, "settings": 0, "registry": 0, "progress": 0, "filters": 0, "io": 0,
     "runtime": 1,
     "embeddings": 2,
     "prompting": 3,

@@ -20,7 +20,7 @@ a mask at the image's own size (µSAM's ``original_size`` None, as every project
 
 The points depend on exact float32 ties between distance maxima (``peak_local_max`` keeps equal maxima in
 raster order and thins them by ``min_distance``), so the smoothing reproduces bioimage_cpp 0.9.0's arithmetic bit
-for bit, as its AVX2 build computes it (``_gaussian_smoothing``): a float64 filter agrees only to 1e-7, which moved
+for bit, as its AVX2 build computes it (``usam_bioimageio.filters``): a float64 filter agrees only to 1e-7, which moved
 a point on 3 of 106 ground-truth masks. On a CPU without AVX2 bioimage_cpp rounds differently (a last-bit matter).
 """
 
@@ -33,6 +33,7 @@ import numpy as np
 from usam_bioimageio import registry
 from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.errors import InputError
+from usam_bioimageio.filters import gaussian_smoothing
 from usam_bioimageio.prompting.predict import PromptResult, segment_from_prompts
 from usam_bioimageio.runtime.geometry import upscale_masks_binary
 from usam_bioimageio.runtime.model import SamModel
@@ -101,78 +102,13 @@ def box_from_mask(*, mask: np.ndarray, box_extension: float = 0.0) -> np.ndarray
                         _check_extension(box_extension))
 
 
-def _mirror(i: np.ndarray, n: int) -> np.ndarray:
-    """Mirrored index without repeating the edge pixel (period 2 (n - 1)), as bioimage_cpp's ``mirror_index``."""
-    if n <= 1:
-        return np.zeros_like(i)
-    period = 2 * (n - 1)
-    r = np.mod(i, period)
-    return np.where(r >= n, period - r, r)
-
-
-def _fma(a: np.float32, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 fused multiply-add (one rounding): the product is exact in long double, the sum nearly always."""
-    ld = np.longdouble
-    return (ld(a) * b.astype(ld) + c.astype(ld)).astype(np.float32)
-
-
-def _smoothing_pass(a: np.ndarray, axis: int, tail: np.ndarray) -> np.ndarray:
-    """One pass of bioimage_cpp 0.9.0's separable Gaussian (AVX2 build) along ``axis``, bit for bit.
-
-    Every output is ``h0 * centre`` plus ``h_k * (left_k + right_k)`` fused-multiply-added for k = 1..3; its
-    scalar remainder loops (``tail``) were contracted by the compiler the other way round,
-    ``fma(h0, centre, h1 * pair_1)`` first, which rounds differently.
-    """
-    half = _GAUSS_HALF
-    n = a.shape[axis]
-    idx = np.arange(n)
-    taps = {j: np.take(a, _mirror(idx + j, n), axis=axis) for j in range(-len(half) + 1, len(half))}
-    pairs = [taps[-j] + taps[j] for j in range(1, len(half))]  # float32 sums
-    main = half[0] * taps[0]
-    for h, pair in zip(half[1:], pairs):
-        main = _fma(h, pair, main)
-    rest = _fma(half[0], taps[0], half[1] * pairs[0])
-    for h, pair in zip(half[2:], pairs[1:]):
-        rest = _fma(h, pair, rest)
-    return np.where(tail, rest, main)
-
-
-def _gaussian_smoothing(image: np.ndarray) -> np.ndarray:
-    """bioimage_cpp's ``gaussian_smoothing(image, sigma=1)`` (mirrored borders, radius 3): rows first, then
-    columns, with the vector / remainder split of its AVX2 loops (8 floats wide)."""
-    radius = len(_GAUSS_HALF) - 1
-    h, w = image.shape
-    ys, xs = np.arange(h)[:, None], np.arange(w)[None, :]
-    # y pass: rows away from the border run 8 columns at a time, the last w % 8 columns in the remainder loop
-    y_lo, y_hi = min(radius, h), max(min(radius, h), h - radius)
-    tail_y = (ys >= y_lo) & (ys < y_hi) & (xs >= w - w % 8)
-    out = _smoothing_pass(image, 0, np.broadcast_to(tail_y, (h, w)))
-    # x pass: columns away from the border run 8 at a time from column `radius`; what is left of them is the
-    # remainder loop
-    x_lo = min(radius, w)
-    x_hi = max(x_lo, w - radius)
-    x_vec = x_lo + 8 * ((x_hi - x_lo) // 8)
-    # (a one-column image: its border loop rounds as a remainder loop, measured against bioimage_cpp 0.9.0)
-    tail_x = (xs >= x_vec) & (xs < x_hi) | (w == 1)
-    return _smoothing_pass(out, 1, np.broadcast_to(tail_x, (h, w)))
-
-
-def _gauss_half() -> np.ndarray:
-    x = np.arange(-3, 4, dtype=np.float64)  # radius ceil(3 * sigma), sigma 1
-    kernel = np.exp(-0.5 * (x / SMOOTHING_SIGMA) ** 2)
-    return (kernel / kernel.sum()).astype(np.float32)[3:]  # centre, then k = 1..3
-
-
-_GAUSS_HALF = _gauss_half()
-
-
 def _smoothed_distances(boundaries: np.ndarray) -> np.ndarray:
     """bioimage_cpp's ``gaussian_smoothing(distance_transform(boundaries == 0), sigma=1)`` (float32)."""
     from scipy import ndimage
 
     # the exact EDT; bioimage_cpp returns it as float32 (bit-equal to scipy's, rounded)
     distances = ndimage.distance_transform_edt(~boundaries).astype(np.float32)
-    return _gaussian_smoothing(distances)
+    return gaussian_smoothing(distances, SMOOTHING_SIGMA)
 
 
 def points_from_mask(*, mask: np.ndarray, box_extension: float = 0.0,
