@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.server
 import json
 import os
 import socket
 import struct
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from loopback import answer
 
 from usam_bioimageio.cli.main import main
 from usam_bioimageio.errors import UsamError
@@ -861,27 +860,6 @@ def test_pixel_budget_refuses_a_small_file_declaring_16384_squared_pixels(big_ti
     assert settings.max_pixels() == 2**30 >= 20_000 * 20_000 >= 16384**2
 
 
-@contextlib.contextmanager
-def loopback_server(status: int, body: bytes = b"not found"):
-    """An HTTP server on 127.0.0.1 answering every GET with ``status``."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def free_port() -> int:
@@ -894,7 +872,7 @@ def free_port() -> int:
 def test_model_url_http_errors(status, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
     ws = Workspace(tmp_path / "ws")
-    with loopback_server(status) as url:
+    with answer(status) as url:
         run_failing(tmp_path, ws.segment(model=f"{url}/family/image_encoder.zip"), 1, message, capsys)
 
 
