@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_download import serve_dir
+from loopback import serve
 from usam_bioimageio import registry
 from usam_bioimageio.errors import ChecksumError
 from usam_bioimageio.modeling import seeded_sam
@@ -155,7 +155,7 @@ def served_registry(tmp_path, monkeypatch, sam_state, decoder_state):
     torch.save(sam_state, root / "vit_t.pt")
     torch.save(decoder_state, root / "vit_t_decoder.pt")
     monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
-    with serve_dir(root) as (base, requests):
+    with serve(root) as (base, requests):
         entry = dataclasses.replace(
             registry.published_model("vit_t_lm"),
             url=f"{base}/vit_t.pt", sha256=_sha(root / "vit_t.pt"), xxh128=None,
@@ -189,7 +189,7 @@ def test_registry_wrong_hash(served_registry, monkeypatch):
 
 def test_url_source(tmp_path, monkeypatch, plain_file):
     monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
-    with serve_dir(plain_file.parent) as (base, requests):
+    with serve(plain_file.parent) as (base, requests):
         ckpt = load_checkpoint(f"{base}/{plain_file.name}", sha256=_sha(plain_file), progress=False)
     assert ckpt.model_type == "vit_t" and ckpt.source.startswith("http://127.0.0.1:")
     assert load_checkpoint(plain_file.as_uri()).model_type == "vit_t"
