@@ -164,3 +164,94 @@ def test_bad_input_gets_clear_errors(model, volume, stack):
         box_from_mask(mask=gt[4], box_extension=-1)
     assert issubclass(InputError, UsamError) and issubclass(UsageError, UsamError)
     assert set(PROJECTION_MODES) == set(REF.PROJECTIONS)
+
+
+# -- objects prompted on one slice each (µSAM's annotator), `usam segment --volume` -------------------------------
+
+
+def _box_prompt(volume, z: int) -> dict:
+    from usam_bioimageio.prompting.from_mask import box_from_mask
+
+    x0, y0, x1, y1 = box_from_mask(mask=volume[1][z]).tolist()
+    return {"box": [x0, y0, x1, y1], "z": z}
+
+
+def test_prompted_objects_are_segmented_on_their_slice_and_projected(model, volume, stack):
+    from usam_bioimageio.io.prompt_files import ObjectPrompt
+    from usam_bioimageio.prompting.predict import label_objects
+    from usam_bioimageio.volumes.interactive import segment_volume_from_prompts
+
+    z = 3
+    box = np.asarray(_box_prompt(volume, z)["box"], np.float64)
+    objects = [ObjectPrompt(box=box, z=z, name=0), ObjectPrompt(points=box[None, :2] + 4, point_labels=[1], z=1, name=1)]
+    labels = segment_volume_from_prompts(model, stack, objects=objects, projection="box", iou_threshold=0.0,
+                                         progress=False)
+    assert labels.shape == volume[0].shape and labels.dtype == np.uint32
+    # each object's own slice is what `usam segment` gives there, the rest its projection (the later object wins)
+    alone = segment_volume_from_prompts(model, stack, objects=objects[:1], projection="box", iou_threshold=0.0,
+                                         progress=False)
+    assert np.array_equal(alone[z] == 1, label_objects(model, stack[z], objects[:1]) == 1)
+    seed = np.zeros(volume[0].shape, np.uint8)
+    seed[z] = alone[z]
+    projected = segment_mask_in_volume(model, stack, segmentation=seed, segmented_slices=[z], projection="box",
+                                       iou_threshold=0.0, progress=False)
+    # IoU threshold 0: projected to both ends of the volume (the random weights' masks stop at once otherwise)
+    assert np.array_equal(alone == 1, projected.masks) and (projected.z_min, projected.z_max) == (0, len(stack) - 1)
+    second = segment_volume_from_prompts(model, stack, objects=objects[1:], projection="box", iou_threshold=0.0,
+                                         progress=False) > 0
+    assert np.array_equal(labels == 2, second) and np.array_equal(labels == 1, (alone == 1) & ~second)
+    with pytest.raises(InputError, match="slice z=9"):
+        segment_volume_from_prompts(model, stack, objects=[ObjectPrompt(box=box, z=9)], progress=False)
+
+
+def test_usam_segment_volume_equals_the_api(model, vit_t_family, volume, tmp_path, capsys):
+    import tifffile
+
+    from usam_bioimageio.cli.main import main
+    from usam_bioimageio.embeddings.cache import load_cache
+    from usam_bioimageio.io.prompt_files import read_prompts
+    from usam_bioimageio.volumes.interactive import segment_volume_from_prompts
+
+    raw = volume[0][2:5]  # 3 slices: 3 encoder runs
+    tifffile.imwrite(tmp_path / "vol.tif", raw)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"objects": [_box_prompt((volume[0][2:5], volume[1][2:5]), 1)]}))
+    cache = tmp_path / "vol.zarr"
+    common = ["--model", str(vit_t_family[0]), "--quiet"]
+    assert main(["embed", *common, "--image", str(tmp_path / "vol.tif"), "--cache", str(cache), "--stack"]) == 0
+    assert main(["segment", *common, "--image", str(tmp_path / "vol.tif"), "--prompts", str(prompts), "--volume",
+                 "--embeddings", str(cache), "--projection", "mask", "--out", str(tmp_path / "l.tif")]) == 0
+    got = tifffile.imread(tmp_path / "l.tif")
+    expected = segment_volume_from_prompts(model, load_cache(cache, model=model), objects=read_prompts(prompts),
+                                           projection="mask", progress=False)
+    assert got.shape == raw.shape and np.array_equal(got, expected) and got.max() == 1
+    # bad input: one line, exit 1, nothing written
+    capsys.readouterr()
+    image2d = tmp_path / "slice.tif"
+    tifffile.imwrite(image2d, raw[0])
+    one = tmp_path / "one.tif"
+    tifffile.imwrite(one, raw[:1])
+    no_z = tmp_path / "no_z.json"
+    no_z.write_text(json.dumps([{"box": [1, 1, 9, 9]}]))
+    far = tmp_path / "far.csv"
+    far.write_text("object,kind,x,y,label,x1,y1,z\na,box,1,1,,9,9,7\n")
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("object,kind,x,y,label,x1,y1,z\na,point,3,3,1,,,0\na,point,4,4,1,,,1\n")
+    for image, prompt_file, out, message in (
+        (image2d, prompts, "x.tif", "is a 2D image"),
+        (one, prompts, "x.tif", "holds one slice"),
+        (tmp_path / "vol.tif", no_z, "x.tif", "field 'z': missing"),
+        (tmp_path / "vol.tif", far, "x.tif", "slice 7 is out of range for a volume of 3 slices"),
+        (tmp_path / "vol.tif", mixed, "x.tif", "an earlier row of this object is on slice 0"),
+        (tmp_path / "vol.tif", prompts, "x.png", "3D TIFF"),
+    ):
+        assert main(["segment", *common, "--image", str(image), "--prompts", str(prompt_file), "--volume",
+                     "--out", str(tmp_path / out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / out).exists()
+    # a slice index for a 2D image
+    assert main(["segment", *common, "--image", str(image2d), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "x.tif")]) == 1
+    assert "segment a volume with `usam segment --volume`" in capsys.readouterr().err
+

@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "`usam embed --cache` (tiled too) or micro-sam's precompute_image_embeddings")
     p.add_argument("--overlay", default=None, help="also write an overlay of the labels (.png or .tif)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from usam_bioimageio.volumes.interactive import (DEFAULT_BOX_EXTENSION, DEFAULT_IOU_THRESHOLD, DEFAULT_PROJECTION,
+                                                     PROJECTION_MODES)
+
+    g = p.add_argument_group("volumes (µSAM's interactive 3D; defaults: its annotator's)")
+    g.add_argument("--volume", action="store_true",
+                   help="--image is a stack (z, y, x): each object is prompted on its slice (\"z\" in the prompt "
+                        "file) and projected up and down through the stack -> a 3D label TIFF; --embeddings: a stack "
+                        "cache (usam embed --cache PATH --stack)")
+    g.add_argument("--projection", default=DEFAULT_PROJECTION, choices=PROJECTION_MODES,
+                   help=f"prompts from the previous slice's mask (default {DEFAULT_PROJECTION})")
+    g.add_argument("--iou-threshold", type=float, default=DEFAULT_IOU_THRESHOLD,
+                   help=f"stop where the IoU with the previous slice drops below this (default {DEFAULT_IOU_THRESHOLD})")
+    g.add_argument("--box-extension", type=float, default=DEFAULT_BOX_EXTENSION,
+                   help=f"box from the mask grown by this fraction (default {DEFAULT_BOX_EXTENSION})")
     add_automatic_parsers(sub)
     add_track_parser(sub)
 

@@ -1,4 +1,5 @@
-"""`usam segment`: prompted segmentation of a 2D image from a prompt file."""
+"""`usam segment`: prompted segmentation of a 2D image from a prompt file, or of a volume (``--volume``: each object
+prompted on one slice and projected through the stack, µSAM's interactive 3D)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,54 @@ from usam_bioimageio.cli.files import (
     check_embeddings_for,
     check_label_count,
     check_outputs,
+    check_stack_embeddings_for,
+    is_stack,
     load_embeddings_for,
+    load_stack_embeddings_for,
+    read_image,
     read_image_2d,
     write_labels,
     write_overlay,
 )
+from usam_bioimageio.errors import InputError, OutputError, UsageError
+
+
+def _segment_volume(args: argparse.Namespace) -> int:
+    """``--volume``: a 3D TIFF (z, y, x), prompts with a slice ``z`` per object -> a 3D label TIFF."""
+    from usam_bioimageio.embeddings.compute import compute_stack_embeddings
+    from usam_bioimageio.io.prompt_files import check_prompt_slices, check_prompts_inside, read_prompts
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.volumes.interactive import segment_volume_from_prompts
+
+    volume = read_image(args.image)
+    if not is_stack(volume):
+        raise InputError(f"--volume needs a stack (z, y, x); {args.image} is a 2D image of shape {volume.shape}: "
+                         "drop --volume to segment it")
+    if volume.shape[0] < 2:
+        raise InputError(f"{args.image} holds one slice: there is nothing to project; segment it without --volume")
+    if args.overlay:
+        raise UsageError(f"--overlay draws one 2D image; {args.image} holds a stack of {volume.shape[0]} slices")
+    objects = read_prompts(args.prompts)
+    check_prompt_slices(objects, volume.shape[0], args.prompts)
+    check_prompts_inside(objects, volume.shape[1:3], args.prompts)
+    out = Output("--out", Path(args.out), "labels")
+    if out.path.suffix.lower() not in (".tif", ".tiff"):
+        raise OutputError(f"--out {out.path}: the labels of a stack are a 3D TIFF (.tif), not "
+                          f"{out.path.suffix or 'a file without suffix'}")
+    check_outputs([out], [("--image", args.image), ("--prompts", args.prompts), ("--embeddings", args.embeddings)],
+                  overwrite=args.overwrite)
+    if args.embeddings:
+        check_stack_embeddings_for(Path(args.embeddings), volume)
+
+    model = SamModel.load(args.model, weight_format=args.weight_format)
+    emb = load_stack_embeddings_for(Path(args.embeddings), volume, model) if args.embeddings \
+        else compute_stack_embeddings(model, volume, progress=not args.quiet)
+    labels = segment_volume_from_prompts(model, emb, objects=objects, projection=args.projection,
+                                         iou_threshold=args.iou_threshold, box_extension=args.box_extension,
+                                         progress=not args.quiet)
+    write_labels(out.path, labels)
+    print(f"wrote {args.out} ({len(np.unique(labels)) - 1} objects in {volume.shape[0]} slices)")
+    return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -29,10 +73,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from usam_bioimageio.prompting.predict import label_objects
     from usam_bioimageio.prompting.tiled import label_objects_tiled
     from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.io.prompt_files import check_prompt_slices
 
+    if args.volume:
+        return _segment_volume(args)
     # every input and output is checked before the model is loaded or anything is computed
     image = read_image_2d(args.image, "usam segment")
     objects = read_prompts(args.prompts)
+    check_prompt_slices(objects, None, args.prompts)
     check_prompts_inside(objects, image.shape[:2], args.prompts)
     out = Output("--out", Path(args.out), "labels")
     outputs = [out] + ([Output("--overlay", Path(args.overlay), "overlay")] if args.overlay else [])

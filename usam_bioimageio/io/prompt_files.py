@@ -12,8 +12,8 @@ import numpy as np
 
 from usam_bioimageio.errors import InputError
 
-JSON_FIELDS = ("points", "labels", "box")
-CSV_COLUMNS = ("object", "kind", "x", "y")  # and label (optional, default 1); x1, y1 for boxes
+JSON_FIELDS = ("points", "labels", "box", "z")
+CSV_COLUMNS = ("object", "kind", "x", "y")  # and label (optional, default 1); x1, y1 for boxes; z
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class ObjectPrompt:
     """The prompts of one object: any of points (p, 2) with labels (p,), a box (4,), a mask (256, 256).
 
     ``name``: where it came from, for messages (the index in a JSON file, the ``object`` column of a CSV file).
+    ``z``: the slice the prompts are on, for a volume (``usam segment --volume``); None for a 2D image.
     """
 
     points: Optional[np.ndarray] = None
@@ -28,6 +29,7 @@ class ObjectPrompt:
     box: Optional[np.ndarray] = None
     mask: Optional[np.ndarray] = None
     name: Optional[Union[int, str]] = field(default=None, compare=False)
+    z: Optional[int] = None
 
     def signature(self) -> Tuple[int, bool, bool]:
         n = 0 if self.points is None else len(np.asarray(self.points).reshape(-1, 2))
@@ -65,6 +67,13 @@ def _number(value, where: _Where, field_name: str) -> float:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _slice_index(value, where: _Where) -> int:
+    number = _number(value, where, "z")
+    if number < 0 or number != int(number):
+        raise where.error("z", f"the slice index must be an integer >= 0, got {_short(value)}")
+    return int(number)
 
 
 def _check_box(box: Sequence[float], where: _Where) -> np.ndarray:
@@ -113,7 +122,8 @@ def _json_object(item, where: _Where) -> ObjectPrompt:
         box = _check_box([_number(v, where, "box") for v in raw], where)
     if points is None and box is None:
         raise where.error(None, "no prompt: give \"points\" (with \"labels\") and / or a \"box\"")
-    return ObjectPrompt(points=points, point_labels=labels, box=box, name=where.name)
+    z = None if item.get("z") is None else _slice_index(item["z"], where)
+    return ObjectPrompt(points=points, point_labels=labels, box=box, name=where.name, z=z)
 
 
 def _read_json(path: Path, text: str) -> list:
@@ -166,7 +176,12 @@ def _read_csv(path: Path, text: str) -> list:
             if not name:
                 raise where.error("object", "missing value (rows of one object share its name)")
             kind = (row.get("kind") or "").strip()
-            obj = rows.setdefault(name, {"points": [], "labels": [], "box": None})
+            obj = rows.setdefault(name, {"points": [], "labels": [], "box": None, "z": None})
+            if "z" in header:  # every row of an object on one slice
+                z = _slice_index(_csv_number(row, "z", where), where)
+                if obj["z"] is not None and obj["z"] != z:
+                    raise where.error("z", f"slice {z}, but an earlier row of this object is on slice {obj['z']}")
+                obj["z"] = z
             if kind == "point":
                 obj["points"].append([_csv_number(row, "x", where), _csv_number(row, "y", where)])
                 label = (row.get("label") or "").strip() or "1"
@@ -186,7 +201,7 @@ def _read_csv(path: Path, text: str) -> list:
         raise InputError(f"prompt file {path} is not valid CSV: line {reader.line_num}: {err}") from None
     return [ObjectPrompt(points=np.asarray(o["points"], np.float64) if o["points"] else None,
                          point_labels=np.asarray(o["labels"], np.int64) if o["labels"] else None,
-                         box=o["box"], name=name)
+                         box=o["box"], name=name, z=o["z"])
             for name, o in rows.items()]
 
 
@@ -196,7 +211,7 @@ def read_prompts(path) -> list:
     JSON: {"objects": [{"points": [[x, y], ...], "labels": [1, 0, ...], "box": [x0, y0, x1, y1]}, ...]}
     (a bare list of objects works too; labels default to 1). CSV with a header: object,kind,x,y,label,x1,y1
     where kind is "point" (x, y, label; label 1 if empty) or "box" (x, y = top-left, x1, y1 = bottom-right); rows
-    of one object share `object`. Coordinates are pixels (x = column, y = row); :func:`check_prompts_inside`
+    of one object share `object`. For a volume each object names its slice: "z" in JSON, a column z in CSV. Coordinates are pixels (x = column, y = row); :func:`check_prompts_inside`
     checks them against an image.
     """
     path = Path(path)
@@ -228,3 +243,17 @@ def check_prompts_inside(objects: Sequence[ObjectPrompt], shape: Tuple[int, int]
                 if not (0 <= x <= w and 0 <= y <= h):
                     raise where.error(name, f"[{x:g}, {y:g}] lies outside the image of width {w} and height {h} "
                                             "(x is the column, y the row)")
+
+
+def check_prompt_slices(objects: Sequence[ObjectPrompt], n_slices: Optional[int], path) -> None:
+    """``n_slices`` None (a 2D image): no object may name a slice; else every object names one in 0..n-1."""
+    for k, obj in enumerate(objects):
+        where = _Where(Path(path), obj.name if obj.name is not None else k)
+        if n_slices is None and obj.z is not None:
+            raise where.error("z", "a slice index for a 2D image: segment a volume with `usam segment --volume`")
+        if n_slices is not None and obj.z is None:
+            raise where.error("z", f"missing: in a volume every object names the slice its prompts are on "
+                                   f"(0..{n_slices - 1})")
+        if n_slices is not None and obj.z >= n_slices:
+            raise where.error("z", f"slice {obj.z} is out of range for a volume of {n_slices} slices "
+                                   f"(0..{n_slices - 1})")

@@ -31,11 +31,14 @@ import numpy as np
 
 from usam_bioimageio.embeddings.types import StackEmbeddings
 from usam_bioimageio.errors import InputError, UsageError
+from usam_bioimageio.io.prompt_files import ObjectPrompt
 from usam_bioimageio.progress import progress_bar
 from usam_bioimageio.prompting.from_mask import segment_from_mask
+from usam_bioimageio.prompting.predict import segment_objects
 from usam_bioimageio.runtime.model import SamModel
 
-__all__ = ["PROJECTION_MODES", "VolumeSegmentation", "projection_prompts", "segment_mask_in_volume"]
+__all__ = ["PROJECTION_MODES", "VolumeSegmentation", "projection_prompts", "segment_mask_in_volume",
+           "segment_volume_from_prompts"]
 
 PROJECTION_MODES = ("box", "mask", "points", "points_and_mask", "single_point")
 # µSAM's napari annotator (sam_annotator/_widgets.py): projection, IoU threshold, box extension
@@ -176,3 +179,43 @@ def segment_mask_in_volume(
     finally:
         bar.close()
     return VolumeSegmentation(masks=masks, z_min=z_min, z_max=z_max)
+
+
+def segment_volume_from_prompts(
+    model: SamModel,
+    embeddings: StackEmbeddings,
+    *,
+    objects: Sequence[ObjectPrompt],
+    projection: str = DEFAULT_PROJECTION,
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    box_extension: float = DEFAULT_BOX_EXTENSION,
+    progress: bool = True,
+) -> np.ndarray:
+    """Labels (Z, H, W) uint32 of objects prompted on one slice each (``ObjectPrompt.z``), as µSAM's annotator
+    does: the prompts segment the object on its slice (single-mask output), :func:`segment_mask_in_volume`
+    projects it through the volume. Objects are numbered 1..n in order; where two overlap, the later wins (as
+    ``masks_to_labels``). An object whose prompts give an empty mask on its slice stays absent."""
+    if not isinstance(embeddings, StackEmbeddings) or not embeddings.is_stack:
+        raise InputError("segment_volume_from_prompts needs the embeddings of a volume (a stack)")
+    shape = (len(embeddings),) + tuple(embeddings.image_shape)
+    labels = np.zeros(shape, np.uint32)
+    objects = list(objects)
+    for k, obj in enumerate(objects):
+        if obj.z is None or not 0 <= obj.z < shape[0]:
+            raise InputError(f"object {obj.name if obj.name is not None else k}: slice z={obj.z} is not one of the "
+                             f"volume's 0..{shape[0] - 1}")
+    bar = progress_bar(len(objects), 0, "objects", progress)
+    bar.unit = "object"
+    try:
+        for k, obj in enumerate(objects):
+            seed = np.zeros(shape, np.uint8)
+            seed[obj.z] = segment_objects(model, embeddings[obj.z], [obj])[0]  # as `usam segment` on that slice
+            if seed[obj.z].any():
+                volume = segment_mask_in_volume(model, embeddings, segmentation=seed, segmented_slices=[obj.z],
+                                                projection=projection, iou_threshold=iou_threshold,
+                                                box_extension=box_extension, progress=False)
+                labels[volume.masks] = k + 1
+            bar.update(1)
+    finally:
+        bar.close()
+    return labels
