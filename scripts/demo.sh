@@ -14,4 +14,4 @@ export USAM_CACHE_DIR=${USAM_CACHE_DIR:-$PWD/.cache/usam}
 .venv/bin/usam export "$OUT/vit_t_random.pt" --out "$OUT/family" --name vit_t_random \
   --sample-image "$IMAGE" --sample-labels "$LABELS" --overwrite
 .venv/bin/usam segment --model "$OUT/family" --image "$IMAGE" --prompts "$OUT/prompts.json" \
-  --out "$OUT/labels.tif" --overlay "$OUT/overlay.png"
+  --out "$OUT/labels.tif" --overlay "$OUT/overlay.png" --overwrite
