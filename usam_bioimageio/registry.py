@@ -6,6 +6,7 @@ Pure data: importing this module imports nothing heavy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import numbers
 from typing import Dict, Optional, Tuple
 
 # SAM geometry and normalisation (segment_anything.modeling.Sam defaults).
@@ -17,6 +18,34 @@ NUM_MASK_OUTPUTS = 4  # mask 0: single-mask output; masks 1..3: multimask output
 PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
 PIXEL_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0
+
+# Input sizes of SAM-family models: the encoder takes N x N (the image's longest side resized to N, then
+# padded), embeddings are N / 16 and low-resolution masks N / 4 on a side. SAM / µSAM use 1024; smaller
+# SAM-family models (and the demo model trained on CPU) use 512 or 256. A model's size is carried by its
+# checkpoint and by every package's rdf; 1024 is the default wherever none is recorded.
+IMAGE_SIZES: Tuple[int, ...] = (256, 512, 1024)
+PATCH_SIZE = IMAGE_SIZE // EMBEDDING_SIZE  # 16: image pixels per embedding cell at every input size
+MASK_UPSCALE = LOW_RES_MASK_SIZE // EMBEDDING_SIZE  # 4: low-res mask pixels per embedding cell
+
+
+def check_image_size(image_size: object) -> int:
+    """``image_size`` as an int if it is one of :data:`IMAGE_SIZES`, else a ValueError naming them."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
+        raise ValueError(f"image size must be an integer, one of {list(IMAGE_SIZES)}; got {image_size!r}")
+    size = int(image_size)
+    if size not in IMAGE_SIZES:
+        raise ValueError(f"image size {size} is not supported; SAM-family models take one of {list(IMAGE_SIZES)}")
+    return size
+
+
+def embedding_size(image_size: int = IMAGE_SIZE) -> int:
+    """Side of the embedding grid of a model with input ``image_size`` (64 for 1024)."""
+    return check_image_size(image_size) // PATCH_SIZE
+
+
+def low_res_mask_size(image_size: int = IMAGE_SIZE) -> int:
+    """Side of the prompt decoder's low-resolution masks for input ``image_size`` (256 for 1024)."""
+    return embedding_size(image_size) * MASK_UPSCALE
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from usam_bioimageio.modeling.tiny_vit import TinyViT
 from usam_bioimageio.modeling.transformer import TwoWayTransformer
 
 # Hyper-parameters shared by all SAM model types (segment_anything.build_sam).
-PATCH_SIZE = registry.IMAGE_SIZE // registry.EMBEDDING_SIZE
+PATCH_SIZE = registry.PATCH_SIZE
 VIT_WINDOW_SIZE = 14
 MLP_RATIO = 4.0
 MASK_IN_CHANS = 16
@@ -32,10 +32,10 @@ IOU_HEAD_DEPTH = 3
 IOU_HEAD_HIDDEN_DIM = 256
 
 
-def _image_encoder(arch: registry.Architecture) -> nn.Module:
+def _image_encoder(arch: registry.Architecture, image_size: int) -> nn.Module:
     if arch.encoder == "vit":
         return ImageEncoderViT(
-            img_size=registry.IMAGE_SIZE,
+            img_size=image_size,
             patch_size=PATCH_SIZE,
             embed_dim=arch.embed_dim,
             depth=arch.depth,
@@ -47,7 +47,7 @@ def _image_encoder(arch: registry.Architecture) -> nn.Module:
         )
     if arch.encoder == "tiny_vit":
         return TinyViT(
-            img_size=registry.IMAGE_SIZE,
+            img_size=image_size,
             embed_dims=arch.embed_dims,
             depths=arch.depths,
             num_heads=arch.tiny_num_heads,
@@ -58,21 +58,24 @@ def _image_encoder(arch: registry.Architecture) -> nn.Module:
     raise ValueError(f"Unknown encoder kind {arch.encoder!r} for model type {arch.model_type!r}")
 
 
-def build_sam(model_type: str) -> Sam:
-    """An untrained ``Sam`` of ``model_type`` ("vit_t", "vit_b", "vit_l", "vit_h"), in eval mode.
+def build_sam(model_type: str, *, image_size: int = registry.IMAGE_SIZE) -> Sam:
+    """An untrained ``Sam`` of ``model_type`` ("vit_t", "vit_b", "vit_l", "vit_h") taking ``image_size`` x
+    ``image_size`` inputs (one of ``registry.IMAGE_SIZES``), in eval mode.
 
-    Its state_dict has the keys and shapes of segment_anything's (mobile_sam's for vit_t) model, so
-    published checkpoints load with ``load_state_dict(..., strict=True)``.
+    Its state_dict has the keys of segment_anything's (mobile_sam's for vit_t) model, and at 1024 their
+    shapes too, so published checkpoints load with ``load_state_dict(..., strict=True)``. At other sizes
+    only the ViT's position embedding and global-attention relative-position tables change shape.
     """
     arch = registry.architecture(model_type)
+    image_size = registry.check_image_size(image_size)
     dim = registry.EMBEDDING_DIM
-    grid = (registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE)
+    side = registry.embedding_size(image_size)
     sam = Sam(
-        image_encoder=_image_encoder(arch),
+        image_encoder=_image_encoder(arch, image_size),
         prompt_encoder=PromptEncoder(
             embed_dim=dim,
-            image_embedding_size=grid,
-            input_image_size=(registry.IMAGE_SIZE, registry.IMAGE_SIZE),
+            image_embedding_size=(side, side),
+            input_image_size=(image_size, image_size),
             mask_in_chans=MASK_IN_CHANS,
         ),
         mask_decoder=MaskDecoder(
@@ -110,8 +113,8 @@ def _fan_in(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def seeded_sam(model_type: str, *, seed: int = 0) -> Sam:
-    """``build_sam(model_type)`` with every parameter and persistent buffer drawn from a seeded generator.
+def seeded_sam(model_type: str, *, seed: int = 0, image_size: int = registry.IMAGE_SIZE) -> Sam:
+    """``build_sam(model_type, image_size=image_size)`` with every parameter and persistent buffer drawn from a seeded generator.
 
     A test model, not a trained one: parameters that SAM initialises to constants (position embeddings,
     relative position tables, TinyViT attention biases, norm weights and biases, BatchNorm statistics) get
@@ -119,7 +122,7 @@ def seeded_sam(model_type: str, *, seed: int = 0) -> Sam:
     variance 1 / fan_in so activations stay O(1). Deterministic for a given seed; returned in eval mode.
     """
     with torch.random.fork_rng(devices=[]):  # build_sam's default init must not move the global RNG
-        sam = build_sam(model_type)
+        sam = build_sam(model_type, image_size=image_size)
     gen = torch.Generator().manual_seed(seed)
 
     def normal(t: torch.Tensor, std: float = 1.0, mean: float = 0.0) -> None:

@@ -368,7 +368,7 @@ def maps_to_original(maps: Tensor, image: Tensor) -> Tensor:
     are the last two axes of ``image`` (only its shape is used). Crops to the longest-side-resized size of
     (h, w) and resizes bilinearly, as two matrix products. Traceable with dynamic sizes."""
     size = torch._shape_as_tensor(image).to(torch.float64)
-    new_h, new_w = longest_side_shape(size[-2:-1], size[-1:])
+    new_h, new_w = longest_side_shape(size[-2:-1], size[-1:], maps.shape[-1])  # the frame is the model's input size
     rows = resize_matrix(new_h, torch.arange(image.shape[-2], dtype=torch.float32, device=maps.device),
                          maps.shape[-2])
     cols = resize_matrix(new_w, torch.arange(image.shape[-1], dtype=torch.float32, device=maps.device),

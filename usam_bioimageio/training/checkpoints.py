@@ -33,13 +33,16 @@ import torch
 from torch import Tensor
 
 from usam_bioimageio.io import download
-from usam_bioimageio.registry import ARCHITECTURES, PUBLISHED_MODELS, PublishedModel
+from usam_bioimageio.registry import ARCHITECTURES, IMAGE_SIZE, PATCH_SIZE, PUBLISHED_MODELS, PublishedModel, check_image_size
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "save_compact_checkpoint", "save_training_checkpoint",
-           "SAM_PREFIX"]
+           "SAM_PREFIX", "IMAGE_SIZE_KEY"]
 
 SAM_PREFIX = "sam."  # µSAM TrainableSAM wrapper (micro_sam.training.trainable_sam)
 _SAM_COMPONENTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+# Top-level key of the model's input size (registry.IMAGE_SIZES), written only when it is not SAM's 1024: a
+# 1024 file stays exactly µSAM's layout, and every file without the key (SAM, MobileSAM, µSAM) is 1024.
+IMAGE_SIZE_KEY = "image_size"
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +53,7 @@ class Checkpoint:
     sam_state: Dict[str, Tensor]
     decoder_state: Optional[Dict[str, Tensor]]
     source: str
+    image_size: int = IMAGE_SIZE  # the encoder's input side (registry.IMAGE_SIZES)
 
     @property
     def has_decoder(self) -> bool:
@@ -143,13 +147,19 @@ def _strip_prefix(state: Mapping, prefix: str, where: str) -> Dict:
 
 
 def _split(obj, where: str):
-    """(sam_state, decoder_state) from a loaded object in any supported layout."""
+    """(sam_state, decoder_state, recorded image size or None) from a loaded object in any supported layout."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where} does not hold a SAM state dict: it holds a {type(obj).__name__}")
     if COMPACT_KEY in obj:
         obj = {k: _dequantize(v, where) for k, v in obj.items() if k != COMPACT_KEY}
+    recorded = None
     if "model_state" in obj:
         model_state, decoder_state = obj["model_state"], obj.get("decoder_state")
+        if IMAGE_SIZE_KEY in obj:
+            try:
+                recorded = check_image_size(obj[IMAGE_SIZE_KEY])
+            except ValueError as e:
+                raise ValueError(f"{where}: {IMAGE_SIZE_KEY!r}: {e}") from None
     else:
         model_state, decoder_state = obj, None
     if not isinstance(model_state, Mapping):
@@ -163,7 +173,22 @@ def _split(obj, where: str):
         )
     if decoder_state is not None:
         decoder_state = _tensor_dict(decoder_state, "'decoder_state'", where)
-    return sam_state, decoder_state
+    return sam_state, decoder_state, recorded
+
+
+def _image_size(sam_state: Dict[str, Tensor], recorded: Optional[int], where: str) -> int:
+    """The input size of the weights: a ViT's position embedding (1, S/16, S/16, C) tells it and must agree
+    with the recorded one; TinyViT's weights do not depend on it, so its size is the recorded one (or 1024)."""
+    pos = sam_state.get("image_encoder.pos_embed")
+    if pos is None or pos.dim() != 4:
+        return IMAGE_SIZE if recorded is None else recorded
+    try:
+        size = check_image_size(int(pos.shape[1]) * PATCH_SIZE)
+    except ValueError as e:
+        raise ValueError(f"{where}: position embedding of shape {tuple(pos.shape)}: {e}") from None
+    if recorded is not None and recorded != size:
+        raise ValueError(f"{where}: records image size {recorded}, but its position embedding is for {size}")
+    return size
 
 
 def _detect_model_type(sam_state: Dict[str, Tensor], where: str) -> str:
@@ -252,7 +277,7 @@ def load_checkpoint(
 
     where = f"checkpoint {label}" if label == str(path) else f"checkpoint {label} ({path})"
     fetched = entry is not None or label != str(path)
-    sam_state, decoder_state = _split(_load_fetched(path, entry.url if entry else label) if fetched
+    sam_state, decoder_state, recorded = _split(_load_fetched(path, entry.url if entry else label) if fetched
                                       else _torch_load(path), where)
     if decoder_path is not None:
         if decoder_state is not None:
@@ -265,7 +290,8 @@ def load_checkpoint(
         raise ValueError(f"{where}: the weights are {detected}, but the registry lists {entry.model_type}")
     if expected is not None and detected != expected:
         raise ValueError(f"{where}: the weights are {detected}, not the requested model type {model_type!r}")
-    return Checkpoint(model_type=detected, sam_state=sam_state, decoder_state=decoder_state, source=label)
+    return Checkpoint(model_type=detected, sam_state=sam_state, decoder_state=decoder_state, source=label,
+                      image_size=_image_size(sam_state, recorded, where))
 
 
 def as_micro_sam_infers(ckpt: Checkpoint) -> Checkpoint:
@@ -282,7 +308,7 @@ def as_micro_sam_infers(ckpt: Checkpoint) -> Checkpoint:
         return ckpt
     state = {k: (torch.zeros_like(v) if k.endswith(".attention_biases") else v) for k, v in ckpt.sam_state.items()}
     return Checkpoint(model_type=ckpt.model_type, sam_state=state, decoder_state=ckpt.decoder_state,
-                      source=f"{ckpt.source} (attention biases as micro-sam infers: zero)")
+                      source=f"{ckpt.source} (attention biases as micro-sam infers: zero)", image_size=ckpt.image_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,13 +360,14 @@ def save_compact_checkpoint(
     *,
     sam_state: Mapping[str, Tensor],
     decoder_state: Optional[Mapping[str, Tensor]] = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Path:
     """Write a compact file: µSAM's layout with weights as int8 per output channel (about a quarter of float32;
     the relative error per weight is at most 1/254 of its channel's largest magnitude). :func:`load_checkpoint`
     reads it dequantized, so everything exported from it uses exactly those dequantized weights."""
     where = f"save_compact_checkpoint({path})"
     state = {"model_state": _quantize(_tensor_dict(sam_state, "sam_state", where)),
-             COMPACT_KEY: {"version": torch.tensor(1)}}
+             COMPACT_KEY: {"version": torch.tensor(1)}, **_size_entry(image_size)}
     if decoder_state is not None:
         state["decoder_state"] = _quantize(_tensor_dict(decoder_state, "decoder_state", where))
     return _save_atomic(Path(path), state)
@@ -351,6 +378,7 @@ def save_checkpoint(
     *,
     sam_state: Mapping[str, Tensor],
     decoder_state: Optional[Mapping[str, Tensor]] = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Path:
     """Write ``{"model_state": sam_state[, "decoder_state": decoder_state]}`` (µSAM's layout) atomically.
 
@@ -359,7 +387,7 @@ def save_checkpoint(
     """
     path = Path(path)
     where = f"save_checkpoint({path})"
-    state = {"model_state": _tensor_dict(sam_state, "sam_state", where)}
+    state = {"model_state": _tensor_dict(sam_state, "sam_state", where), **_size_entry(image_size)}
     if decoder_state is not None:
         state["decoder_state"] = _tensor_dict(decoder_state, "decoder_state", where)
     return _save_atomic(path, state)
@@ -370,6 +398,7 @@ def save_training_checkpoint(
     *,
     sam_state: Mapping[str, Tensor],
     decoder_state: Optional[Mapping[str, Tensor]] = None,
+    image_size: int = IMAGE_SIZE,
     **extra,
 ) -> Path:
     """Write a finetuning checkpoint as µSAM's trainer does: ``{"model_state": {"sam." + key: tensor}[,
@@ -377,10 +406,16 @@ def save_training_checkpoint(
     path = Path(path)
     where = f"save_training_checkpoint({path})"
     sam = _tensor_dict(sam_state, "sam_state", where)
-    state = {"model_state": {SAM_PREFIX + k: v for k, v in sam.items()}, **extra}
+    state = {"model_state": {SAM_PREFIX + k: v for k, v in sam.items()}, **extra, **_size_entry(image_size)}
     if decoder_state is not None:
         state["decoder_state"] = _tensor_dict(decoder_state, "decoder_state", where)
     return _save_atomic(path, state)
+
+
+def _size_entry(image_size: int) -> dict:
+    """``{IMAGE_SIZE_KEY: size}`` for a size other than 1024, else nothing (see IMAGE_SIZE_KEY)."""
+    size = check_image_size(image_size)
+    return {} if size == IMAGE_SIZE else {IMAGE_SIZE_KEY: size}
 
 
 def _save_atomic(path: Path, state: dict) -> Path:
