@@ -3,8 +3,9 @@
 
 - ``ais.zip`` (kind ``ais``): end to end, image (1, 3, h, w) raw pixels -> maps (1, 3, h, w). One input, one
   output, nothing else to run: for hosts without our runtime (Java / ilastik / deepImageJ ...).
-- ``ais_head.zip`` (kind ``ais_head``): embeddings (1, 256, 64, 64) of the family's image encoder -> maps
-  (1, 3, 1024, 1024) in SAM's padded frame. The runtime uses this one, so an image is encoded once for both
+- ``ais_head.zip`` (kind ``ais_head``): embeddings (1, 256, N/16, N/16) of the family's image encoder -> maps
+  (1, 3, N, N) in SAM's padded frame (N the model's input size: (1, 256, 64, 64) -> (1, 3, 1024, 1024) at
+  1024). The runtime uses this one, so an image is encoded once for both
   prompt-based and automatic segmentation; it crops and resizes the maps (``automatic.segment.maps_to_original``).
 
 ``export_family`` calls :func:`write_ais_packages` when the checkpoint has a ``decoder_state``.
@@ -29,7 +30,7 @@ from usam_bioimageio.io.overlay import overlay
 
 from . import modules
 from usam_bioimageio.training.checkpoints import Checkpoint
-from .specs import ANY, WHOLE_IMAGE_NOTE, Batch, Ref, Space, TensorSpec, channel, embedding_axes, family_config
+from .specs import ANY, Batch, Ref, Space, TensorSpec, channel, embedding_axes, family_config, whole_image_note
 from .writer import write_package
 from .samples import Sample
 
@@ -55,7 +56,8 @@ def _decoder_state(ckpt: Checkpoint) -> Dict[str, torch.Tensor]:
 def ais_model(ckpt: Checkpoint, *, batch_statistics: bool = BATCH_STATISTICS) -> AisModel:
     """The end-to-end AIS module of a checkpoint, weights loaded strictly, eval mode."""
     state = _decoder_state(ckpt)
-    model = AisModel(ckpt.model_type, use_conv_transpose=uses_conv_transpose(state), batch_statistics=batch_statistics)
+    model = AisModel(ckpt.model_type, use_conv_transpose=uses_conv_transpose(state), batch_statistics=batch_statistics,
+                     image_size=ckpt.image_size)
     model.load_state_dict(ais_state(ckpt.sam_state, state), strict=True)
     return model.eval()
 
@@ -64,14 +66,14 @@ def ais_head_model(ckpt: Checkpoint, *, batch_statistics: bool = BATCH_STATISTIC
     """The AIS head module (decoder on embeddings) of a checkpoint, weights loaded strictly, eval mode."""
     state = _decoder_state(ckpt)
     model = AisHeadModel(ckpt.model_type, use_conv_transpose=uses_conv_transpose(state),
-                         batch_statistics=batch_statistics)
+                         batch_statistics=batch_statistics, image_size=ckpt.image_size)
     model.load_state_dict(ais_head_state(state), strict=True)
     return model.eval()
 
 
 class _ScriptedAis(torch.nn.Module):
     """Scripted preprocessing and resize back (dynamic image size) around a traced ViT and a traced UNETR
-    decoder (both of fixed size: 1024 x 1024 in, 64 x 64 embeddings)."""
+    decoder (both of fixed size: N x N in, N/16 x N/16 embeddings, N the model's input size)."""
 
     def __init__(self, preprocess: torch.nn.Module, vit: torch.nn.Module, unetr: torch.nn.Module) -> None:
         super().__init__()
@@ -86,7 +88,8 @@ class _ScriptedAis(torch.nn.Module):
 
 def script_ais_model(model: AisModel) -> torch.jit.ScriptModule:
     """torchscript of the end-to-end model that accepts any image size (tracing alone would fix the size)."""
-    size, emb = registry.IMAGE_SIZE, registry.EMBEDDING_SIZE
+    size = model.image_size
+    emb = registry.embedding_size(size)
     with torch.no_grad():
         vit = torch.jit.trace(model.image_encoder, torch.zeros(1, 3, size, size), check_trace=False)
         unetr = torch.jit.trace(model.unetr, torch.zeros(1, registry.EMBEDDING_DIM, emb, emb), check_trace=False)
@@ -95,7 +98,7 @@ def script_ais_model(model: AisModel) -> torch.jit.ScriptModule:
 
 def _config(ckpt: Checkpoint, name: str, kind: str, use_conv_transpose: bool, **extra) -> dict:
     params = dataclasses.asdict(AisParameters())
-    return family_config(ckpt.model_type, name, kind, **{
+    return family_config(ckpt.model_type, name, kind, image_size=ckpt.image_size, **{
         "channels": list(AIS_CHANNEL_NAMES),
         "decoder": {
             "architecture": "torch_em UNETR decoder (micro-sam 1.8.14 get_unetr: out_channels 3, sigmoid, "
@@ -116,8 +119,9 @@ def _config(ckpt: Checkpoint, name: str, kind: str, use_conv_transpose: bool, **
     })
 
 
-def _documentation(kind: str, name: str, model_type: str) -> str:
+def _documentation(kind: str, name: str, model_type: str, image_size: int = registry.IMAGE_SIZE) -> str:
     params = AisParameters()
+    size = image_size
     common = f"""
 ## What the maps are
 
@@ -144,14 +148,14 @@ smoothing equal to µSAM's bioimage-cpp ones, label ids included).
 - µSAM runs this decoder with its BatchNorm layers in training mode (it never calls `eval()`), i.e. they
   normalise with the statistics of the input; the packaged graph does the same (the running statistics in
   the weights are unused).
-- The end-to-end `ais` package: {WHOLE_IMAGE_NOTE}
+- The end-to-end `ais` package: {whole_image_note(size)}
 """
     if kind == "ais":
         head = f"""# {name} automatic instance segmentation (end to end)
 
 µSAM's automatic instance segmentation decoder ({model_type}) with its image encoder in one graph: a 2D image
 of any size and value range (channels r, g, b; grey replicated) in, the three AIS maps at the image's size
-out. Inside: µSAM's per-channel normalisation to 0..255, SAM's longest-side resize to 1024 (Pillow-exact
+out. Inside: µSAM's per-channel normalisation to 0..255, SAM's longest-side resize to {size} (Pillow-exact
 bilinear) and zero padding, the image encoder, the UNETR decoder, the crop of the padding and a bilinear resize
 (align_corners=False) back to the input size.
 """
@@ -159,9 +163,10 @@ bilinear) and zero padding, the image encoder, the UNETR decoder, the crop of th
         head = f"""# {name} automatic instance segmentation head
 
 µSAM's automatic instance segmentation decoder ({model_type}) on precomputed embeddings of the family's image
-encoder (`config.usam.image_encoder`): embeddings in, the three AIS maps in SAM's padded 1024 x 1024 frame out.
+encoder (`config.usam.image_encoder`): embeddings in, the three AIS maps in SAM's padded {size} x {size} frame out
+(the model's input size, `config.usam.image_size`).
 
-To get the maps of an image of height h and width w: with `scale = 1024 / max(h, w)`, crop the top-left
+To get the maps of an image of height h and width w: with `scale = {size} / max(h, w)`, crop the top-left
 `(int(h * scale + 0.5), int(w * scale + 0.5))` block and resize it to (h, w) bilinearly with half-pixel
 centres and no antialiasing (`torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`), as
 µSAM's `postprocess_masks` does. The family's end-to-end `ais` package does this in its graph.
@@ -199,7 +204,7 @@ def write_ais_packages(
     Args:
         checkpoint: the loaded checkpoint.
         sample: the family's sample image (test tensor of ``ais``, cover of both).
-        embeddings: (1, 256, 64, 64) embeddings of ``sample`` from the family's image encoder module (test
+        embeddings: (1, 256, N/16, N/16) embeddings of ``sample`` from the family's image encoder module (test
             tensor of ``ais_head``).
         encoder_sha: the image encoder package's identity (``Package.identity``), recorded in ``ais_head``.
         name: the family name.
@@ -219,7 +224,7 @@ def write_ais_packages(
     files = {kind: Path(folder) / f"{kind}.zip" for kind in kinds}
     h, w = sample.image.shape[:2]
     arch_kwargs = {"model_type": checkpoint.model_type, "use_conv_transpose": conv_t,
-                   "batch_statistics": BATCH_STATISTICS}
+                   "batch_statistics": BATCH_STATISTICS, "image_size": checkpoint.image_size}
     tags = ["segment-anything", "micro-sam", "automatic-instance-segmentation", "instance-segmentation",
             "unetr", checkpoint.model_type]
     maps_channels = channel(*AIS_CHANNEL_NAMES)
@@ -229,15 +234,15 @@ def write_ais_packages(
     head = ais_head_model(checkpoint)
     with torch.no_grad():
         padded = head(torch.from_numpy(embeddings)).numpy()
-    head_cover = _cover(sample, padded_maps_to_original(padded[0], (h, w)), work, "ais_head")
-    size = registry.IMAGE_SIZE
+    size = checkpoint.image_size
+    head_cover = _cover(sample, padded_maps_to_original(padded[0], (h, w), image_size=size), work, "ais_head")
     if "ais_head" in kinds:
         write_package(
             module=head,
             inputs=[TensorSpec("embeddings", "image embeddings from the family's image encoder",
-                               embedding_axes(), data=embeddings)],
+                               embedding_axes(size), data=embeddings)],
             outputs=[TensorSpec("padded_maps", "AIS maps (foreground, centre / boundary distances; 0..1) in SAM's padded "
-                                "1024x1024 frame; crop + resize: see the documentation",
+                                f"{size}x{size} frame; crop + resize: see the documentation",
                                 [Batch(1), maps_channels, Space("y", size), Space("x", size)], data=padded)],
             output_path=files["ais_head"],
             name=f"{name} AIS head",
@@ -248,7 +253,7 @@ def write_ais_packages(
             formats=formats,
             test=test,
             tags=tags + ["decoder"],
-            documentation=_documentation("ais_head", name, checkpoint.model_type),
+            documentation=_documentation("ais_head", name, checkpoint.model_type, size),
             covers=[head_cover],
             config=_config(checkpoint, name, "ais_head", conv_t, output_frame="padded",
                            image_encoder={"name": f"{name} image encoder", "identity": encoder_sha}),
@@ -277,9 +282,9 @@ def write_ais_packages(
             formats=formats,
             test=test,
             tags=tags,
-            documentation=_documentation("ais", name, checkpoint.model_type),
+            documentation=_documentation("ais", name, checkpoint.model_type, size),
             covers=[head_cover],
             config=_config(checkpoint, name, "ais", conv_t, output_frame="image", sample=sample.source,
-                           whole_image=WHOLE_IMAGE_NOTE),
+                           whole_image=whole_image_note(size)),
         )
     return files

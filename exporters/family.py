@@ -24,8 +24,8 @@ from usam_bioimageio.prompting.inputs import build_decoder_inputs
 from . import modules
 from usam_bioimageio.training.checkpoints import Checkpoint, as_micro_sam_infers, load_checkpoint
 from .ais import write_ais_packages
-from .specs import (ANY, WHOLE_IMAGE_NOTE, Batch, Index, Ref, Space, TensorSpec, channel, embedding_axes,
-                    family_config)
+from .specs import (ANY, Batch, Index, Ref, Space, TensorSpec, channel, embedding_axes, family_config,
+                    whole_image_note)
 from .writer import DEFAULT_FORMATS, write_package
 from .samples import Sample, load_sample, synthetic_sample
 
@@ -36,18 +36,20 @@ SAM_CREDIT = (
 )
 
 
-def encoder_documentation(name: str, model_type: str) -> str:
+def encoder_documentation(name: str, model_type: str, image_size: int = registry.IMAGE_SIZE) -> str:
+    side = registry.embedding_size(image_size)
     return f"""# {name} image encoder
 
-The SAM / µSAM image encoder ({model_type}) with all of its input preprocessing in the graph: a 2D image of
-any size and value range (channels r, g, b; grey replicated, as µSAM does) in, SAM's 256 x 64 x 64 image
-embeddings out. Inside: µSAM's per-channel min-max normalisation to 0..255 (truncated, micro-sam 1.8.14),
-SAM's longest-side resize to 1024 (Pillow's antialiased bilinear, bit-exact), SAM's mean / std normalisation
-and zero padding to 1024 x 1024, then the ViT. The family's prompt decoder (and AIS head) take these embeddings.
+The SAM / µSAM image encoder ({model_type}, input size {image_size}) with all of its input preprocessing in the
+graph: a 2D image of any size and value range (channels r, g, b; grey replicated, as µSAM does) in, SAM's
+256 x {side} x {side} image embeddings out. Inside: µSAM's per-channel min-max normalisation to 0..255 (truncated,
+micro-sam 1.8.14), SAM's longest-side resize to {image_size} (Pillow's antialiased bilinear, bit-exact), SAM's
+mean / std normalisation and zero padding to {image_size} x {image_size}, then the ViT. The family's prompt decoder
+(and AIS head) take these embeddings.
 
 ## Tiling
 
-{WHOLE_IMAGE_NOTE}
+{whole_image_note(image_size)}
 """
 
 
@@ -68,7 +70,8 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
     feats = embeddings[0].reshape(registry.EMBEDDING_DIM, -1).T
     feats = feats - feats.mean(0)
     pcs = feats @ np.linalg.svd(feats, full_matrices=False)[2][:3].T
-    pcs = pcs.reshape(registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE, 3)
+    side = registry.embedding_size(ckpt.image_size)
+    pcs = pcs.reshape(side, side, 3)
     from usam_bioimageio.io.overlay import to_display
 
     cover_left = to_display(sample.image)
@@ -85,19 +88,20 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
         torchscript=modules.script_image_encoder(model) if "torchscript" in formats else None,
         inputs=[TensorSpec("image", "2D image, channels r, g, b (gray replicated), raw pixel values of any range",
                            [Batch(1), channel("r", "g", "b"), Space("y", ANY), Space("x", ANY)], data=x)],
-        outputs=[TensorSpec("embeddings", "SAM image embeddings", embedding_axes(), data=embeddings)],
+        outputs=[TensorSpec("embeddings", "SAM image embeddings", embedding_axes(ckpt.image_size), data=embeddings)],
         onnx_dynamic_axes={"image": {2: "y", 3: "x"}},
         output_path=out,
         name=f"{name} image encoder",
-        description=f"µSAM / SAM image encoder ({ckpt.model_type}): any 2D image (whole, not tiled) -> 256x64x64 embeddings. {SAM_CREDIT}",
+        description=f"µSAM / SAM image encoder ({ckpt.model_type}): any 2D image (whole, not tiled) -> 256x{side}x{side} "
+                    f"embeddings. {SAM_CREDIT}",
         authors=AUTHORS,
-        architecture=modules.architecture("ImageEncoderModel", model_type=ckpt.model_type),
+        architecture=modules.architecture("ImageEncoderModel", model_type=ckpt.model_type, image_size=ckpt.image_size),
         formats=formats,
         tags=["segment-anything", "micro-sam", "image-encoder", "embeddings", ckpt.model_type],
         covers=[cover],
-        documentation=encoder_documentation(name, ckpt.model_type),
-        config=family_config(ckpt.model_type, name, "image_encoder", sample=sample.source,
-                             whole_image=WHOLE_IMAGE_NOTE),
+        documentation=encoder_documentation(name, ckpt.model_type, ckpt.image_size),
+        config=family_config(ckpt.model_type, name, "image_encoder", image_size=ckpt.image_size, sample=sample.source,
+                             whole_image=whole_image_note(ckpt.image_size)),
     )
     return embeddings
 
@@ -107,7 +111,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
     model = modules.prompt_decoder(ckpt)
     h, w = sample.image.shape[:2]
     inputs = build_decoder_inputs((h, w), points=sample.points, point_labels=np.ones(sample.points.shape[:2]),
-                                  boxes=sample.boxes)
+                                  boxes=sample.boxes, image_size=ckpt.image_size)
     names = ("point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
     with torch.no_grad():
         _, low = model(torch.from_numpy(embeddings), *[torch.from_numpy(inputs[k]) for k in names])
@@ -115,17 +119,18 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
     # tensors are refused by the spec, and this way the gate also covers mask prompts).
     inputs["mask_input"] = np.ascontiguousarray(low[:, :1].numpy())
     inputs["has_mask_input"] = np.ones_like(inputs["has_mask_input"])
-    masks = upscale_masks(low[:, :1].numpy(), (h, w))[:, 0] > registry.MASK_THRESHOLD
+    masks = upscale_masks(low[:, :1].numpy(), (h, w), image_size=ckpt.image_size)[:, 0] > registry.MASK_THRESHOLD
     cover = _save_png(work / "decoder_cover.png", overlay(sample.image, masks_to_labels(masks), points=sample.points))
 
-    o, m, n_tok = Ref("point_coords", "o"), registry.LOW_RES_MASK_SIZE, registry.NUM_MASK_OUTPUTS
+    size = ckpt.image_size
+    o, m, n_tok = Ref("point_coords", "o"), registry.low_res_mask_size(size), registry.NUM_MASK_OUTPUTS
     tokens = channel(*[f"mask{i}" for i in range(n_tok)])
     write_package(
         module=model,
         test=test,
         inputs=[
             TensorSpec("embeddings", "image embeddings from the family's image encoder",
-                       embedding_axes(), data=embeddings),
+                       embedding_axes(size), data=embeddings),
             TensorSpec("point_coords", "prompt points (x, y) in original image pixels; box corners as two points",
                        [Index("o", ANY, "objects"), Index("p", ANY, "points per object"), channel("x", "y")],
                        data=inputs["point_coords"]),
@@ -140,7 +145,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
         ],
         outputs=[
             TensorSpec("iou_predictions", "predicted IoU of each mask token", [Index("o", o), tokens]),
-            TensorSpec("low_res_masks", "mask logits, 256x256 in the padded 1024 frame (token 0: single mask, "
+            TensorSpec("low_res_masks", f"mask logits, {m}x{m} in the padded {size} frame (token 0: single mask, "
                        "1-3: multimask)", [Index("o", o), tokens, Space("y", m), Space("x", m)]),
         ],
         onnx_dynamic_axes={"point_coords": {0: "o", 1: "p"}, "point_labels": {0: "o", 1: "p"},
@@ -151,12 +156,12 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
         description=f"µSAM / SAM prompt encoder + mask decoder ({ckpt.model_type}): embeddings + points, boxes and "
                     f"mask prompts for many objects -> mask logits and predicted IoU. {SAM_CREDIT}",
         authors=AUTHORS,
-        architecture=modules.architecture("PromptDecoderModel", model_type=ckpt.model_type),
+        architecture=modules.architecture("PromptDecoderModel", model_type=ckpt.model_type, image_size=size),
         formats=formats,
         tags=["segment-anything", "micro-sam", "prompt-decoder", "interactive-segmentation", ckpt.model_type],
         covers=[cover],
-        config=family_config(ckpt.model_type, name, "prompt_decoder", image_encoder={"name": f"{name} image encoder",
-                                                                            "identity": encoder_sha}),
+        config=family_config(ckpt.model_type, name, "prompt_decoder", image_size=size,
+                             image_encoder={"name": f"{name} image encoder", "identity": encoder_sha}),
     )
 
 
@@ -248,6 +253,7 @@ def export_family(
         manifest = {
             "name": name,
             "model_type": ckpt.model_type,
+            "image_size": ckpt.image_size,
             "source": ckpt.source,
             "exporter_version": __version__,
             "packages": {kind: {"file": p.name, "sha256": sha256_of(p)} for kind, p in files.items()},

@@ -671,36 +671,49 @@ def build_model_descr(
 
 
 #: What a host must know before it tiles (README "What the packages expect"): stated in the documentation and
-#: ``config.usam.whole_image`` of the image encoder and the end-to-end AIS package.
-WHOLE_IMAGE_NOTE = (
-    "Give the whole image in one call, at any size. The package normalises each channel over the whole image "
-    "and resizes the image so that its longer side is 1024 pixels, so a host that tiles the input (with or "
-    "without a halo) gets other numbers: every tile would be normalised and resized on its own, and the ViT "
-    "attends globally, so no halo makes tiles agree. No halo is declared for this reason. For large images use "
-    "µSAM's tiling (`usam embed --tile-shape ... --halo ...`), which encodes each tile as micro-sam does."
-)
+#: ``config.usam.whole_image`` of the image encoder and the end-to-end AIS package; :func:`whole_image_note`
+#: gives it for a model of another input size.
+def whole_image_note(image_size: int = registry.IMAGE_SIZE) -> str:
+    return (
+        "Give the whole image in one call, at any size. The package normalises each channel over the whole image "
+        f"and resizes the image so that its longer side is {image_size} pixels, so a host that tiles the input (with "
+        "or without a halo) gets other numbers: every tile would be normalised and resized on its own, and the ViT "
+        "attends globally, so no halo makes tiles agree. No halo is declared for this reason. For large images use "
+        "µSAM's tiling (`usam embed --tile-shape ... --halo ...`), which encodes each tile as micro-sam does."
+    )
 
 
-def embedding_axes() -> list:
-    """Axes of the (1, 256, 64, 64) embeddings tensor, shared by every package that produces or reads it."""
-    return [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]),
-            Space("y", registry.EMBEDDING_SIZE), Space("x", registry.EMBEDDING_SIZE)]
+WHOLE_IMAGE_NOTE = whole_image_note()
 
 
-def family_config(model_type: str, name: str, kind: str, **extra) -> dict:
-    """``config.usam`` of every package of a family: what it is and the SAM geometry it was exported with."""
+def resize_note(image_size: int = registry.IMAGE_SIZE) -> str:
+    """``config.usam.resize``: how the encoder brings an image to its N x N input."""
+    return f"longest side to {image_size}, Pillow bilinear (antialiased), zero padding bottom/right"
+
+
+def embedding_axes(image_size: int = registry.IMAGE_SIZE) -> list:
+    """Axes of the (1, 256, N/16, N/16) embeddings tensor of a model with input size N ((1, 256, 64, 64) at
+    1024), shared by every package that produces or reads it."""
+    side = registry.embedding_size(image_size)
+    return [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]), Space("y", side), Space("x", side)]
+
+
+def family_config(model_type: str, name: str, kind: str, *, image_size: int = registry.IMAGE_SIZE, **extra) -> dict:
+    """``config.usam`` of every package of a family: what it is and the SAM geometry it was exported with
+    (``image_size``: the model's input size N; embeddings N/16, low-resolution masks N/4)."""
     from usam_bioimageio import __version__
 
+    side = registry.embedding_size(image_size)
     return {
         "kind": kind,
         "family": name,
         "model_type": model_type,
-        "image_size": registry.IMAGE_SIZE,
-        "embedding_shape": [registry.EMBEDDING_DIM, registry.EMBEDDING_SIZE, registry.EMBEDDING_SIZE],
+        "image_size": int(image_size),
+        "embedding_shape": [registry.EMBEDDING_DIM, side, side],
         "pixel_mean": list(registry.PIXEL_MEAN),
         "pixel_std": list(registry.PIXEL_STD),
         "input_normalization": "per-channel min-max to 0..255, truncated (micro-sam 1.8.14 _to_image)",
-        "resize": "longest side to 1024, Pillow bilinear (antialiased), zero padding bottom/right",
+        "resize": resize_note(image_size),
         "exporter_version": __version__,
         **extra,
     }

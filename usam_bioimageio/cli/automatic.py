@@ -13,6 +13,7 @@ from usam_bioimageio.errors import OutputError, UsageError
 from usam_bioimageio.cli.files import (
     IMAGE_SUFFIXES,
     Output,
+    add_tile_options,
     check_embeddings_for,
     check_label_count,
     check_outputs,
@@ -25,6 +26,7 @@ from usam_bioimageio.cli.files import (
     write_labels,
     write_overlay,
 )
+from usam_bioimageio.embeddings.types import resolve_tiling
 from usam_bioimageio.io.images import check_image_header_2d
 
 
@@ -75,9 +77,10 @@ def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], ar
         if tuple(emb.original_shape) != image.shape[:2]:
             raise ValueError(f"embeddings are for an image of shape {emb.original_shape}, not {image.shape[:2]}")
         return emb
-    if args.tile_shape is not None:
-        halo = args.halo if args.halo is not None else (0, 0)
-        return compute_tiled_embeddings(model, image, tile_shape=args.tile_shape, halo=halo, progress=progress)
+    tile_shape, halo = resolve_tiling(args.tile_shape, args.halo, image.shape, model.image_size)
+    if tile_shape is not None:
+        halo = halo if halo is not None else (0, 0)
+        return compute_tiled_embeddings(model, image, tile_shape=tile_shape, halo=halo, progress=progress)
     return compute_embeddings(model, image)
 
 
@@ -114,10 +117,11 @@ def run_volume(args: argparse.Namespace, volume: np.ndarray, method: str, params
         check_stack_embeddings_for(Path(args.embeddings), volume)
     model = SamModel.load(args.model, weight_format=args.weight_format)
     embeddings = load_stack_embeddings_for(Path(args.embeddings), volume, model) if args.embeddings else None
-    halo = args.halo if args.halo is not None or args.tile_shape is None else (0, 0)
+    tile_shape, halo = resolve_tiling(args.tile_shape, args.halo, volume.shape[1:3], model.image_size)
+    halo = halo if halo is not None or tile_shape is None else (0, 0)
     labels = segment_volume(model, volume, method=method, params=params, embeddings=embeddings,
                             min_object_size=getattr(args, "min_object_size", 0), gap_closing=args.gap_closing,
-                            min_z_extent=args.min_z_extent, tile_shape=args.tile_shape, halo=halo,
+                            min_z_extent=args.min_z_extent, tile_shape=tile_shape, halo=halo,
                             progress=not args.quiet)
     write_labels(out, labels)
     print(f"wrote {out} ({int(labels.max()) if labels.size else 0} objects in {volume.shape[0]} slices)")
@@ -233,10 +237,9 @@ def _add_automatic_parser(sub, name: str, func, helptext: str, presets) -> argpa
                    help="precomputed embeddings: .npz or cache from `usam embed` (tiled too) or micro-sam's; for a "
                         "folder of images, the folder holding NAME.zarr (or NAME.npz) per image; for a 3D TIFF a "
                         "stack cache (`usam embed --cache PATH --stack`)")
-    p.add_argument("--tile-shape", type=int, nargs=2, metavar=("Y", "X"), default=None,
-                   help="compute tiled embeddings (micro-sam's tiling) for large images")
-    p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None,
-                   help="overlap around each tile; should cover half the largest object (default 0 0)")
+    add_tile_options(p, "compute tiled embeddings (micro-sam's tiling) for large images",
+                     "overlap around each tile; should cover half the largest object (default 0 0; N / 8 with "
+                     "--tile-shape auto)")
     p.add_argument("--preset", default=None, choices=sorted(presets),
                    help="µSAM's per-model settings (default: µSAM's library defaults, see --help of each option)")
     p.add_argument("--overlay", default=None, help="also write a PNG overlay (a folder for a folder of images; not "

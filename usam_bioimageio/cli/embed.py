@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from usam_bioimageio.embeddings.types import resolve_tiling
 from usam_bioimageio.errors import UsageError
 from usam_bioimageio.cli.files import IMAGE_SUFFIXES, Output, check_outputs, is_stack, read_image
 
@@ -15,7 +16,8 @@ def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namesp
     from usam_bioimageio.embeddings.compute import cached_embeddings
 
     stack = is_stack(image, args.stack)
-    tile_shape, halo = args.tile_shape, args.halo
+    plane = image.shape[1:3] if stack else image.shape[:2]
+    tile_shape, halo = resolve_tiling(args.tile_shape, args.halo, plane, model.image_size)
     if tile_shape is not None and halo is None:
         halo = (0, 0)
     emb = cached_embeddings(model, image, cache, tile_shape=tile_shape, halo=halo, stack=stack,

@@ -14,6 +14,7 @@ results (so no other file is ever deleted); it is written beside as a hidden ``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import secrets
@@ -36,6 +37,32 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 LABEL_FORMATS = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG"}
 OVERLAY_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}
 MAX_PNG_LABEL = 65535  # 16-bit PNG
+
+
+class TileShapeAction(argparse.Action):
+    """``--tile-shape Y X`` (two integers) or ``--tile-shape auto`` (the tiling derived from the model's input size:
+    ``usam_bioimageio.embeddings.types.resolve_tiling``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from usam_bioimageio.embeddings.types import AUTO_TILING
+
+        if list(values) == [AUTO_TILING]:
+            setattr(namespace, self.dest, AUTO_TILING)
+            return
+        try:
+            if len(values) != 2:
+                raise ValueError
+            setattr(namespace, self.dest, [int(v) for v in values])
+        except ValueError:
+            parser.error(f"argument {option_string}: give two integers Y X or '{AUTO_TILING}', got {' '.join(values)}")
+
+
+def add_tile_options(p, tile_help: str, halo_help: str) -> None:
+    """The ``--tile-shape`` / ``--halo`` options of ``usam embed``, ``ais`` and ``amg``."""
+    p.add_argument("--tile-shape", nargs="+", action=TileShapeAction, metavar="Y X | auto", default=None,
+                   help=tile_help + "; 'auto': tiles of the model's input size N (outer tiles N x N with a halo of "
+                                    "N / 8, for images larger than N; smaller images are not tiled)")
+    p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None, help=halo_help)
 
 
 @dataclass(frozen=True)

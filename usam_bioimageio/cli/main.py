@@ -12,6 +12,7 @@ from usam_bioimageio import __version__
 from usam_bioimageio.cli.automatic import add_automatic_parsers
 from usam_bioimageio.cli.embed import cmd_embed
 from usam_bioimageio.cli.evaluate import cmd_evaluate
+from usam_bioimageio.cli.files import add_tile_options
 from usam_bioimageio.cli.packages import cmd_export, cmd_validate
 from usam_bioimageio.cli.segment import cmd_segment
 from usam_bioimageio.cli.track import add_track_parser
@@ -64,10 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cache", default=None,
                            help="embedding cache folder (zarr) to create or resume; for a folder of images, a "
                                 "folder holding one NAME.zarr cache per image")
-            p.add_argument("--tile-shape", type=int, nargs=2, metavar=("Y", "X"), default=None,
-                           help="tile the image(s) (micro-sam's tiling); needs --cache")
-            p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None,
-                           help="overlap added around each tile (default 0 0)")
+            add_tile_options(p, "tile the image(s) (micro-sam's tiling); needs --cache",
+                             "overlap added around each tile (default 0 0; N / 8 with --tile-shape auto)")
             p.add_argument("--stack", action="store_true",
                            help="read the image as a stack (z, y, x[, c]) and embed each slice (automatic for "
                                 "4D arrays and 3D arrays whose last axis is longer than 4)")

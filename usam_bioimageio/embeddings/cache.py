@@ -8,11 +8,11 @@ Layout of a cache (a zarr group; zarr 3 writes format 3, zarr 2 format 2)::
     attrs["usam_embedding_cache"] = {format, format_version, signature, n_slices, n_tiles, image_shape, tiling}
     complete   uint8 (n_slices, n_tiles), one chunk per item, 0 = missing
     checksums  uint32 (n_slices, n_tiles), one chunk per item: crc32 of the item's float32 features (little-endian)
-    features   float32 (n_slices, n_tiles, 1, 256, 64, 64), one chunk per item (created with the first item)
+    features   float32 (n_slices, n_tiles, 1, 256, N/16, N/16), one chunk per item (created with the first item)
 
 An item is one slice (z) of one tile (t); a 2D image has one slice, an untiled image one tile. The
-signature (data sha256 / shape / dtype, kind, encoder identity, tile_shape, halo, preprocessing and
-package versions) is written when the cache is created and checked on every later use: anything that
+signature (data sha256 / shape / dtype, kind, encoder identity, the model's input size N, tile_shape, halo,
+preprocessing and package versions; caches written before N was recorded are of 1024 models) is written when the cache is created and checked on every later use: anything that
 differs raises :class:`CacheMismatchError` naming it. Each item's features are written first and its
 ``complete`` flag second, so an interrupted computation (killed process) leaves only finished items
 flagged; the next call with the same arguments computes the missing ones. Reading a cache as finished
@@ -37,6 +37,7 @@ import numpy as np
 
 from usam_bioimageio.embeddings.types import StackEmbeddings, Tiling
 from usam_bioimageio.errors import CacheDamagedError, CacheMismatchError, InputError
+from usam_bioimageio.registry import IMAGE_SIZE, PATCH_SIZE
 from usam_bioimageio.runtime.model import SamModel
 
 ATTR = "usam_embedding_cache"
@@ -45,14 +46,17 @@ FORMAT_VERSION = 1
 # What turns an image into encoder input: µSAM's channel mapping (preprocess.to_rgb) and the per-image
 # (per tile / slice) min-max normalisation inside the encoder package. Bump when that changes.
 PREPROCESSING_VERSION = "1"
-SIGNATURE_KEYS = ("data_sha256", "data_shape", "data_dtype", "kind", "encoder", "tile_shape", "halo",
+SIGNATURE_KEYS = ("data_sha256", "data_shape", "data_dtype", "kind", "encoder", "image_size", "tile_shape", "halo",
                   "preprocessing", "usam_bioimageio")
+# what a signature written without a key means (caches from before the key existed)
+_SIGNATURE_DEFAULTS = {"image_size": IMAGE_SIZE}
 _DESCRIPTIONS = {
     "data_sha256": "image data (sha256)",
     "data_shape": "image shape",
     "data_dtype": "image dtype",
     "kind": "kind of data",
     "encoder": "image encoder (ONNX weights sha256)",
+    "image_size": "model input size",
     "tile_shape": "tile_shape",
     "halo": "halo",
     "preprocessing": "preprocessing version",
@@ -111,6 +115,7 @@ def make_signature(model: SamModel, data, *, stack: bool, tiling: Optional[Tilin
         "data_dtype": np.dtype(data.dtype).str,
         "kind": "stack" if stack else "image",
         "encoder": model.encoder_identity,
+        "image_size": model.image_size,
         "tile_shape": None if tiling is None else list(tiling.tile_shape),
         "halo": None if tiling is None else list(tiling.halo),
         "preprocessing": PREPROCESSING_VERSION,
@@ -124,7 +129,7 @@ def _short(value) -> str:
 
 
 def _signature_differences(stored: dict, current: dict) -> list:
-    return [k for k in SIGNATURE_KEYS if stored.get(k) != current.get(k)]
+    return [k for k in SIGNATURE_KEYS if stored.get(k, _SIGNATURE_DEFAULTS.get(k)) != current.get(k)]
 
 
 def _is_zarr_dir(path: Path) -> bool:
@@ -182,7 +187,8 @@ class EmbeddingCache:
         differences = _signature_differences(stored.get("signature", {}), signature)
         if differences:
             details = "; ".join(
-                f"{_DESCRIPTIONS[k]}: cache {_short(stored['signature'].get(k))}, now {_short(signature.get(k))}"
+                f"{_DESCRIPTIONS[k]}: cache {_short(stored['signature'].get(k, _SIGNATURE_DEFAULTS.get(k)))}, "
+                f"now {_short(signature.get(k))}"
                 for k in differences)
             raise CacheMismatchError(
                 f"embedding cache {path} was computed for something else ({details}). Use another cache path, "
@@ -330,7 +336,13 @@ def load_cache(path, *, model: Optional[SamModel] = None) -> StackEmbeddings:
     :class:`StackEmbeddings` (a 2D image's: one slice, ``is_stack`` False, ``[0]`` its embeddings)."""
     if is_micro_sam_cache(path):
         return load_micro_sam_embeddings(path, model=model)
-    return EmbeddingCache.read(path).value()
+    store = EmbeddingCache.read(path)
+    if model is not None:
+        stored = store.signature.get("image_size", IMAGE_SIZE)
+        if stored != model.image_size:
+            raise CacheMismatchError(f"embedding cache {store.path} was computed by a model of input size {stored}; "
+                                     f"this model takes {model.image_size}: compute a cache with this model")
+    return store.value()
 
 
 def load_micro_sam_embeddings(path, *, model: Optional[SamModel] = None) -> StackEmbeddings:
@@ -345,7 +357,8 @@ def load_micro_sam_embeddings(path, *, model: Optional[SamModel] = None) -> Stac
     ``micro_sam_version``); micro-sam writes them last, so ``input_size`` among them marks a finished cache.
 
     micro-sam records no identity of our packages, so the returned embeddings have ``encoder=""``: they are
-    not checked against the prompt decoder. With ``model``, the architecture (``model_type``) is checked.
+    not checked against the prompt decoder. With ``model``, the architecture (``model_type``) and the input size
+    (micro-sam's models take 1024: embeddings (1, 256, 64, 64)) are checked.
     Tiles that micro-sam skipped (outside its mask) read as None.
     """
     zarr = _zarr()
@@ -363,6 +376,12 @@ def load_micro_sam_embeddings(path, *, model: Optional[SamModel] = None) -> Stac
         raise ValueError(f"micro-sam cache {path} was computed with a {attrs['model_type']} model, "
                          f"this model is {model.model_type}")
     features = group["features"]
+    if model is not None:
+        first = features if hasattr(features, "shape") else next(iter(features.arrays()))[1]
+        size = int(first.shape[-1]) * PATCH_SIZE
+        if size != model.image_size:
+            raise CacheMismatchError(f"micro-sam cache {path} holds embeddings of a model of input size {size} "
+                                     f"(features {tuple(first.shape)}); this model takes {model.image_size}")
     if attrs.get("tile_shape") is None:
         original = tuple(int(s) for s in attrs["original_size"])
         if features.ndim == 4:

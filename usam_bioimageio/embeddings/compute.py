@@ -22,30 +22,32 @@ from usam_bioimageio.embeddings.types import (
     iterate_items,
 )
 from usam_bioimageio.progress import progress_bar
+from usam_bioimageio.registry import IMAGE_SIZE
 from usam_bioimageio.runtime.geometry import to_rgb
 from usam_bioimageio.runtime.model import SamModel
 
 
-def image_to_input(image: np.ndarray) -> np.ndarray:
+def image_to_input(image: np.ndarray, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """A 2D image (H, W) or (H, W, C) -> the encoder package input (1, 3, H, W) float32.
 
     Channels follow µSAM: gray is replicated, 2 channels get a zero third, more than 3 keep the first 3.
-    The intensity normalisation happens inside the package.
+    The intensity normalisation happens inside the package (and the resize to the model's ``image_size``,
+    which only the check of too elongated images needs here).
     """
-    rgb = to_rgb(np.asarray(image))
+    rgb = to_rgb(np.asarray(image), image_size)
     return np.ascontiguousarray(rgb.astype(np.float32).transpose(2, 0, 1)[None])
 
 
 def compute_embeddings(model: SamModel, image: np.ndarray) -> Embeddings:
-    """Run the image encoder package on a 2D image."""
-    x = image_to_input(image)
+    """Run the image encoder package on a 2D image: features (1, 256, N/16, N/16) for the model's input size N."""
+    x = image_to_input(image, model.image_size)
     runner = model.runner("image_encoder")
     (features,) = runner(**{runner.input_names[0]: x}).values()
     return Embeddings(features=features, original_shape=(int(x.shape[2]), int(x.shape[3])), encoder=model.encoder_identity)
 
 
 def encode(model: SamModel, image) -> np.ndarray:
-    """One image (tile or slice) -> its (1, 256, 64, 64) features; reads only that region of ``image``."""
+    """One image (tile or slice) -> its (1, 256, N/16, N/16) features; reads only that region of ``image``."""
     return compute_embeddings(model, np.asarray(image)).features
 
 

@@ -35,8 +35,9 @@ PairLike = Union[int, Sequence[int]]
 class Embeddings:
     """SAM image embeddings of one 2D image.
 
-    features: (1, 256, 64, 64) float32; original_shape: (h, w) of the image they were computed from;
-    encoder: identity (ONNX weights sha256) of the image encoder, checked by the decoders.
+    features: (1, 256, N/16, N/16) float32 for a model of input size N ((1, 256, 64, 64) at 1024);
+    original_shape: (h, w) of the image they were computed from; encoder: identity (ONNX weights sha256) of
+    the image encoder, checked by the decoders (as the features' grid is against the model's input size).
     """
 
     features: np.ndarray
@@ -135,8 +136,34 @@ class Tiling:
         return {"shape": list(self.shape), "tile_shape": list(self.tile_shape), "halo": list(self.halo)}
 
 
+#: ``tile_shape`` value that derives the tiling from the model's input size (:func:`resolve_tiling`).
+AUTO_TILING = "auto"
+
+
+def auto_tiling(image_size: int, halo: Optional[PairLike] = None) -> Tuple[Pair, Pair]:
+    """(tile_shape, halo) of the tiling derived from a model's input size N: halo N / 8 (unless given) and inner
+    tiles of N - 2 halo, so that every interior tile's outer block (tile + halo) is exactly N x N and is encoded at
+    its own resolution (no resize), the frame the model takes. 1024: tiles 768 with halo 128; 256: 192 with 32."""
+    hy, hx = as_pair(image_size // 8 if halo is None else halo, "halo", minimum=0)
+    if 2 * max(hy, hx) >= image_size:
+        raise ValueError(f"halo {(hy, hx)} leaves no tile: with --tile-shape {AUTO_TILING} the outer tiles are "
+                         f"{image_size} x {image_size} (the model's input size), so the halo must be below {image_size // 2}")
+    return (image_size - 2 * hy, image_size - 2 * hx), (hy, hx)
+
+
+def resolve_tiling(tile_shape, halo, image_shape: Sequence[int], image_size: int):
+    """``(tile_shape, halo)`` with ``tile_shape`` :data:`AUTO_TILING` resolved for an image of ``image_shape`` and a
+    model of input size ``image_size``: (None, None) (untiled) when the image fits the model's input (its longer
+    side is at most N), else :func:`auto_tiling`. Other values are returned unchanged."""
+    if not (isinstance(tile_shape, str) and tile_shape == AUTO_TILING):
+        return tile_shape, halo
+    if max(int(v) for v in tuple(image_shape)[:2]) <= image_size:
+        return None, None
+    return auto_tiling(image_size, halo)
+
+
 class TileFeatures:
-    """Read-only sequence of per-tile features: ``get(t)`` -> (1, 256, 64, 64) float32, loaded on access."""
+    """Read-only sequence of per-tile features: ``get(t)`` -> (1, 256, N/16, N/16) float32, loaded on access."""
 
     def __init__(self, n: int, get: Callable[[int], np.ndarray]):
         self._n, self._get = n, get
@@ -154,7 +181,7 @@ class TileFeatures:
 class TiledEmbeddings:
     """SAM embeddings of a 2D image, one per tile of ``tiling``.
 
-    ``features[t]`` is tile t's (1, 256, 64, 64) array (a list in memory, or read from a cache on access);
+    ``features[t]`` is tile t's (1, 256, N/16, N/16) array (a list in memory, or read from a cache on access);
     ``encoder`` is the image encoder's identity (ONNX weights sha256), "" when unknown (micro-sam caches).
     """
 

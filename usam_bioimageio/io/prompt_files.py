@@ -18,7 +18,8 @@ CSV_COLUMNS = ("object", "kind", "x", "y")  # and label (optional, default 1); x
 
 @dataclass(frozen=True)
 class ObjectPrompt:
-    """The prompts of one object: any of points (p, 2) with labels (p,), a box (4,), a mask (256, 256).
+    """The prompts of one object: any of points (p, 2) with labels (p,), a box (4,), a mask prompt (L, L)
+    (low-res logits, L = N / 4 for the model's input size N: 256 at 1024).
 
     ``name``: where it came from, for messages (the index in a JSON file, the ``object`` column of a CSV file).
     ``z``: the slice the prompts are on, for a volume (``usam segment --volume``); None for a 2D image.

@@ -23,12 +23,14 @@ from usam_bioimageio.modeling.preprocess import SamPreprocess, longest_side_shap
 
 
 class ImageEncoderModel(nn.Module):
-    """image (b, 3, h, w) float32 raw pixel values -> embeddings (b, 256, 64, 64)."""
+    """image (b, 3, h, w) float32 raw pixel values -> embeddings (b, 256, N/16, N/16) for input size N
+    (``image_size``, one of ``registry.IMAGE_SIZES``; (b, 256, 64, 64) at SAM's 1024)."""
 
-    def __init__(self, model_type: str = "vit_b") -> None:
+    def __init__(self, model_type: str = "vit_b", image_size: int = registry.IMAGE_SIZE) -> None:
         super().__init__()
-        self.preprocess = SamPreprocess()
-        self.image_encoder = build_sam(model_type).image_encoder
+        self.image_size = registry.check_image_size(image_size)
+        self.preprocess = SamPreprocess(self.image_size)
+        self.image_encoder = build_sam(model_type, image_size=self.image_size).image_encoder
 
     def forward(self, image: Tensor) -> Tensor:
         return self.image_encoder(self.preprocess(image))
@@ -37,22 +39,23 @@ class ImageEncoderModel(nn.Module):
 class PromptDecoderModel(nn.Module):
     """SAM's prompt encoder + mask decoder with fixed, host-friendly inputs.
 
-    Inputs (o objects, p points per object):
-      embeddings (1, 256, 64, 64); point_coords (o, p, 2) as (x, y) in original image pixels;
-      point_labels (o, p); mask_input (o, 1, 256, 256) low-res logits of a previous prediction;
+    Inputs (o objects, p points per object), for input size N (``image_size``; 1024: E = 64, L = 256):
+      embeddings (1, 256, E, E) with E = N / 16; point_coords (o, p, 2) as (x, y) in original image pixels;
+      point_labels (o, p); mask_input (o, 1, L, L) low-res logits of a previous prediction, L = N / 4;
       has_mask_input (o, 1); orig_im_size (2,) as (h, w).
-    Outputs: iou_predictions (o, 4) and low_res_masks (o, 4, 256, 256), the logits of all four mask tokens
-    in the padded 1024 x 1024 frame at 1/4 resolution (token 0: single-mask output, 1..3: multimask).
+    Outputs: iou_predictions (o, 4) and low_res_masks (o, 4, L, L), the logits of all four mask tokens
+    in the padded N x N frame at 1/4 resolution (token 0: single-mask output, 1..3: multimask).
     """
 
-    def __init__(self, model_type: str = "vit_b") -> None:
+    def __init__(self, model_type: str = "vit_b", image_size: int = registry.IMAGE_SIZE) -> None:
         super().__init__()
-        sam = build_sam(model_type)
+        self.image_size = registry.check_image_size(image_size)
+        sam = build_sam(model_type, image_size=self.image_size)
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
 
     def _embed_points(self, coords: Tensor, labels: Tensor) -> Tensor:
-        pe = self.prompt_encoder.pe_layer._pe_encoding((coords + 0.5) / registry.IMAGE_SIZE)
+        pe = self.prompt_encoder.pe_layer._pe_encoding((coords + 0.5) / self.image_size)
         labels = labels.unsqueeze(-1)
         # Multiplying by 0/1 masks adds exact zeros: the result equals SamPredictor's in-place indexing.
         emb = pe * (labels != -1).to(pe.dtype)
@@ -72,7 +75,7 @@ class PromptDecoderModel(nn.Module):
     ) -> Tuple[Tensor, Tensor]:
         # Coordinates: ResizeLongestSide.apply_coords computes in float64 and SamPredictor casts to float32.
         hw = orig_im_size.to(torch.float64)
-        new_h, new_w = longest_side_shape(hw[0], hw[1])
+        new_h, new_w = longest_side_shape(hw[0], hw[1], self.image_size)
         scale = torch.stack([new_w / hw[1], new_h / hw[0]])
         coords = (point_coords.to(torch.float64) * scale).to(torch.float32)
         sparse = self._embed_points(coords, point_labels)
@@ -120,12 +123,13 @@ class AisModel(nn.Module):
     """
 
     def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False,
-                 batch_statistics: bool = True) -> None:
+                 batch_statistics: bool = True, image_size: int = registry.IMAGE_SIZE) -> None:
         super().__init__()
         from usam_bioimageio.modeling.unetr import build_ais_decoder
 
-        self.preprocess = SamPreprocess()
-        self.image_encoder = build_sam(model_type).image_encoder
+        self.image_size = registry.check_image_size(image_size)
+        self.preprocess = SamPreprocess(self.image_size)
+        self.image_encoder = build_sam(model_type, image_size=self.image_size).image_encoder
         self.unetr = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose,
                                        batch_statistics=batch_statistics)
 
@@ -137,22 +141,25 @@ class AisModel(nn.Module):
 
 
 class AisHeadModel(nn.Module):
-    """AIS decoder on precomputed embeddings: embeddings (1, 256, 64, 64) -> maps (1, 3, 1024, 1024).
+    """AIS decoder on precomputed embeddings: embeddings (1, 256, N/16, N/16) -> maps (1, 3, N, N) for input
+    size N (``image_size``; (1, 256, 64, 64) -> (1, 3, 1024, 1024) at SAM's 1024).
 
-    The maps are in SAM's padded 1024 x 1024 frame, like the prompt decoder's masks: the image occupies
+    The maps are in SAM's padded N x N frame, like the prompt decoder's masks: the image occupies
     the top-left ``longest_side_shape(h, w)`` block. To get µSAM's maps of an (h, w) image, crop that block
     and resize it bilinearly (align_corners=False, no antialiasing) to (h, w); the runtime does this with
     ``usam_bioimageio.automatic.ais.decoder.maps_to_original`` (exact interpolation matrices), and
     :class:`AisModel` does it in its graph. Output channels as :class:`AisModel`.
 
-    State dict: ``unetr.*`` (µSAM's ``decoder_state`` keys). ``model_type`` is recorded only: all SAM model
-    types share the decoder.
+    State dict: ``unetr.*`` (µSAM's ``decoder_state`` keys). ``model_type`` and ``image_size`` are recorded
+    only: all SAM model types share the decoder, and it upsamples any embedding grid 16 times.
     """
 
     def __init__(self, model_type: str = "vit_b", use_conv_transpose: bool = False,
-                 batch_statistics: bool = True) -> None:
+                 batch_statistics: bool = True, image_size: int = registry.IMAGE_SIZE) -> None:
         super().__init__()
         from usam_bioimageio.modeling.unetr import build_ais_decoder
+
+        self.image_size = registry.check_image_size(image_size)
 
         self.unetr = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose,
                                        batch_statistics=batch_statistics)

@@ -231,8 +231,9 @@ class Decoder(nn.Module):
 
 
 class AisDecoder(nn.Module):
-    """The UNETR decoder µSAM uses for AIS: embeddings (B, 256, 64, 64) -> sigmoid maps (B, 3, 1024, 1024)
-    in SAM's padded 1024 x 1024 frame (:func:`maps_to_original` crops and resizes them).
+    """The UNETR decoder µSAM uses for AIS: embeddings (B, 256, E, E) -> sigmoid maps (B, 3, 16 E, 16 E) in SAM's
+    padded N x N frame, N = 16 E the model's input size ((B, 256, 64, 64) -> (B, 3, 1024, 1024) at 1024;
+    :func:`maps_to_original` crops and resizes them).
 
     Its state dict is µSAM's ``decoder_state``.
     """
@@ -379,9 +380,10 @@ def maps_to_original(maps: Tensor, image: Tensor) -> Tensor:
 def postprocess_like_torch_em(maps: Tensor, original_shape: Tuple[int, int]) -> Tensor:
     """``torch_em.model.unetr.UNETRBase.postprocess_masks`` verbatim (eager, fixed sizes): for tests."""
     h, w = original_shape
-    scale = registry.IMAGE_SIZE * 1.0 / max(h, w)
+    size = maps.shape[-1]  # the model's input size (torch_em's encoder.img_size)
+    scale = size * 1.0 / max(h, w)
     new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
-    maps = F.interpolate(maps, (registry.IMAGE_SIZE, registry.IMAGE_SIZE), mode="bilinear", align_corners=False)
+    maps = F.interpolate(maps, (size, size), mode="bilinear", align_corners=False)
     maps = maps[..., :new_h, :new_w]
     return F.interpolate(maps, (h, w), mode="bilinear", align_corners=False)
 

@@ -12,11 +12,12 @@ a mask at the image's own size (µSAM's ``original_size`` None, as every project
   bioimage_cpp's ``gaussian_smoothing``). Positive points: the local maxima of the smoothed distance inside the
   mask (``peak_local_max``, ``min_distance=3``); negative: those outside it (``min_distance=5``). With
   ``single_point``: one positive point at the maximum inside the mask. µSAM draws no random numbers here.
-* **Mask prompt**: the binary mask resized to 256 x 256 (torch's antialiased bilinear ``F.interpolate``),
-  thresholded at 0.5 and turned into logits ``±log(0.999 / 0.001)``. µSAM means to resize the longer side to 256
-  and pad, but segment_anything 1.0's ``ResizeLongestSide.apply_image_torch`` takes the size from the batch and
-  channel axes (1, 1), so every mask is stretched to 256 x 256 whatever its aspect ratio, and nothing is padded.
-  We reproduce that (for square images it is also the intended frame).
+* **Mask prompt**: the binary mask resized to L x L (the low-resolution mask size, N / 4 for a model of input
+  size N: 256 at 1024; torch's antialiased bilinear ``F.interpolate``), thresholded at 0.5 and turned into logits
+  ``±log(0.999 / 0.001)``. µSAM means to resize the longer side to 256 and pad, but segment_anything 1.0's
+  ``ResizeLongestSide.apply_image_torch`` takes the size from the batch and channel axes (1, 1), so every mask is
+  stretched to 256 x 256 whatever its aspect ratio, and nothing is padded. We reproduce that (for square images
+  it is also the intended frame).
 
 The points depend on exact float32 ties between distance maxima (``peak_local_max`` keeps equal maxima in
 raster order and thins them by ``min_distance``), so the smoothing reproduces bioimage_cpp 0.9.0's arithmetic bit
@@ -37,7 +38,7 @@ from usam_bioimageio.filters import gaussian_smoothing
 from usam_bioimageio.prompting.predict import PromptResult, segment_from_prompts
 from usam_bioimageio.runtime.geometry import upscale_masks_binary
 from usam_bioimageio.runtime.model import SamModel
-from usam_bioimageio.runtime.packages import check_encoder
+from usam_bioimageio.runtime.packages import check_embeddings
 
 __all__ = ["box_from_mask", "logits_from_mask", "points_from_mask", "segment_from_mask"]
 
@@ -62,8 +63,8 @@ def _decode_without_points(model: SamModel, embeddings: Embeddings, logits, mult
     """SamPredictor.predict with no points and no box (zero sparse prompt tokens, not a padding point), with the
     mask prompt ``logits`` or none: what µSAM decodes for an empty mask."""
     decoder = model.runner("prompt_decoder")
-    check_encoder(decoder.package, embeddings.encoder, "these embeddings come from")
-    size = registry.LOW_RES_MASK_SIZE
+    check_embeddings(decoder.package, embeddings)
+    size = registry.low_res_mask_size(model.image_size)
     mask_input = np.zeros((size, size), np.float32) if logits is None else logits
     out = decoder(embeddings=embeddings.features, point_coords=np.zeros((1, 0, 2), np.float32),
                   point_labels=np.zeros((1, 0), np.float32), mask_input=mask_input[None, None],
@@ -71,7 +72,8 @@ def _decode_without_points(model: SamModel, embeddings: Embeddings, logits, mult
                   orig_im_size=np.asarray(embeddings.original_shape, np.float32))
     tokens = slice(1, None) if multimask_output else slice(0, 1)
     low = np.ascontiguousarray(out["low_res_masks"][:, tokens])
-    return PromptResult(masks=upscale_masks_binary(low, embeddings.original_shape, registry.MASK_THRESHOLD),
+    return PromptResult(masks=upscale_masks_binary(low, embeddings.original_shape, registry.MASK_THRESHOLD,
+                                                   model.image_size),
                         scores=np.ascontiguousarray(out["iou_predictions"][:, tokens]), low_res_logits=low)
 
 
@@ -153,14 +155,15 @@ def _aa_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def logits_from_mask(*, mask: np.ndarray) -> np.ndarray:
-    """The mask prompt of a mask: (256, 256) float32 logits (module doc), for ``mask_inputs``.
+def logits_from_mask(*, mask: np.ndarray, image_size: int = registry.IMAGE_SIZE) -> np.ndarray:
+    """The mask prompt of a mask for a model of input size ``image_size``: (L, L) float32 logits with
+    L = image_size / 4 ((256, 256) at 1024; module doc), for ``mask_inputs``.
 
     Resizing ratios whose weights are dyadic (2x up or down, ...) are exact; otherwise a resized value within
     float rounding of the 0.5 threshold could fall the other way than in torch.
     """
     m = _as_mask(mask).astype(np.float64)
-    size = registry.LOW_RES_MASK_SIZE
+    size = registry.low_res_mask_size(image_size)
     h, w = m.shape
     if (h, w) != (size, size):  # stretched to size x size (module doc: segment_anything's size bug)
         m = _aa_bilinear_matrix(h, size) @ m @ _aa_bilinear_matrix(w, size).T
@@ -200,7 +203,7 @@ def segment_from_mask(
     box_extension = _check_extension(box_extension)
     if not m.any():
         high = np.float32(np.log((1 - MASK_PROMPT_EPS) / MASK_PROMPT_EPS))
-        logits = np.full((registry.LOW_RES_MASK_SIZE,) * 2, -high, np.float32) if use_mask else None
+        logits = np.full((registry.low_res_mask_size(model.image_size),) * 2, -high, np.float32) if use_mask else None
         return _decode_without_points(model, embeddings, logits, multimask_output)
     points = labels = box = logits = None
     if use_points:
@@ -208,7 +211,7 @@ def segment_from_mask(
     if use_box:
         box = box_from_mask(mask=m, box_extension=box_extension).astype(np.float64)
     if use_mask:
-        logits = logits_from_mask(mask=m)
+        logits = logits_from_mask(mask=m, image_size=model.image_size)
     # no maxima found (e.g. no background in the box) -> no points: as in SamPredictor, only the padding point
     return segment_from_prompts(
         model, embeddings,

@@ -41,8 +41,11 @@ def build_decoder_inputs(
     point_labels: Optional[np.ndarray] = None,
     boxes: Optional[np.ndarray] = None,
     mask_inputs: Optional[np.ndarray] = None,
+    image_size: int = registry.IMAGE_SIZE,
 ) -> dict:
-    """Prompts -> the prompt-decoder package inputs (without embeddings), one row per object."""
+    """Prompts -> the prompt-decoder package inputs (without embeddings), one row per object, for a model of
+    input size ``image_size`` (mask prompts are (objects, image_size / 4, image_size / 4) low-res logits)."""
+    size = registry.low_res_mask_size(image_size)
     pts = as_objects(points, 3, "points")
     box = as_objects(boxes, 2, "boxes")
     if pts is None and box is None and mask_inputs is None:
@@ -68,13 +71,13 @@ def build_decoder_inputs(
     masks = None
     if mask_inputs is not None:
         masks = np.asarray(mask_inputs, dtype=np.float32)
-        size = registry.LOW_RES_MASK_SIZE
         if masks.ndim == 2:  # one object
             masks = masks[None]
         if masks.ndim == 3:
             masks = masks[:, None]
         if masks.shape[1:] != (1, size, size):
-            raise ValueError(f"mask_inputs must be low-resolution logits of shape (objects, {size}, {size})")
+            raise ValueError(f"mask_inputs must be low-resolution logits of shape (objects, {size}, {size}) for a model "
+                             f"of input size {image_size}, got {np.shape(mask_inputs)}")
         n.add(len(masks))
     if len(n) != 1:
         raise ValueError(f"prompts disagree on the number of objects: {sorted(n)}")
@@ -91,7 +94,6 @@ def build_decoder_inputs(
     elif pts is not None:  # SamPredictor pads points with one padding point when there is no box
         coords.append(np.zeros((n_obj, 1, 2)))
         labels.append(np.full((n_obj, 1), PAD_LABEL))
-    size = registry.LOW_RES_MASK_SIZE
     return {
         "point_coords": np.concatenate(coords, axis=1).astype(np.float32),
         "point_labels": np.concatenate(labels, axis=1).astype(np.float32),

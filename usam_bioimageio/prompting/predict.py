@@ -2,7 +2,7 @@
 
 The semantics are those of segment_anything's ``SamPredictor.predict`` applied to each object:
 points and boxes in original image pixel coordinates (x, y), labels 1 = positive, 0 = negative, a mask
-prompt is a previous low-resolution logit map (256 x 256), single-mask output is mask token 0 and
+prompt is a previous low-resolution logit map (L x L, L = N / 4 for the model's input size N: 256 at 1024), single-mask output is mask token 0 and
 multimask output are tokens 1..3.
 
 Objects go to the prompt decoder ``batch_size`` at a time (as AMG's ``points_per_batch``): its memory grows
@@ -24,7 +24,7 @@ import numpy as np
 from usam_bioimageio import registry
 from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.runtime.model import SamModel
-from usam_bioimageio.runtime.packages import check_encoder
+from usam_bioimageio.runtime.packages import check_embeddings
 from usam_bioimageio.prompting.inputs import as_objects, build_decoder_inputs
 from usam_bioimageio.runtime.geometry import upscale_masks_binary
 
@@ -37,7 +37,7 @@ DEFAULT_BATCH_SIZE = 16
 
 @dataclass(frozen=True)
 class PromptResult:
-    """masks (o, k, H, W) bool; scores (o, k) predicted IoU; low_res_logits (o, k, 256, 256), which can be
+    """masks (o, k, H, W) bool; scores (o, k) predicted IoU; low_res_logits (o, k, L, L) (L = N / 4), which can be
     passed back as ``mask_inputs`` for a refinement."""
 
     masks: np.ndarray
@@ -65,16 +65,16 @@ def _decode_batch(model: SamModel, embeddings: Embeddings, prompts: dict, *, mul
     """One decoder call for the objects of ``prompts`` (segment_from_prompts' arrays, with the object axis),
     part of a group of ``group_size`` objects of the same structure; results as decoding the group at once."""
     decoder = model.runner("prompt_decoder")
-    check_encoder(decoder.package, embeddings.encoder, "these embeddings come from")
-    inputs = build_decoder_inputs(embeddings.original_shape, **prompts)
+    check_embeddings(decoder.package, embeddings)
+    inputs = build_decoder_inputs(embeddings.original_shape, **prompts, image_size=model.image_size)
     n = len(inputs["point_coords"])
     if n == 1 and group_size > 1:  # a call of one object rounds differently from one of several (module doc)
         inputs = {k: v if k == "orig_im_size" else np.concatenate([v, v]) for k, v in inputs.items()}
     out = decoder(embeddings=embeddings.features, **inputs)
     tokens = slice(1, None) if multimask_output else slice(0, 1)
-    # copies: the decoder's (n, 4, 256, 256) output is freed with the batch
+    # copies: the decoder's (n, 4, L, L) output is freed with the batch
     low = np.ascontiguousarray(out["low_res_masks"][:n, tokens])
-    masks = upscale_masks_binary(low, embeddings.original_shape, registry.MASK_THRESHOLD)
+    masks = upscale_masks_binary(low, embeddings.original_shape, registry.MASK_THRESHOLD, model.image_size)
     return PromptResult(masks=masks, scores=np.ascontiguousarray(out["iou_predictions"][:n, tokens]),
                         low_res_logits=low)
 
@@ -92,23 +92,24 @@ def segment_from_prompts(
 ) -> PromptResult:
     """Segment one object per row of the prompts, ``batch_size`` objects per decoder call.
 
-    points (o, p, 2) / point_labels (o, p), boxes (o, 4) as (x0, y0, x1, y1), mask_inputs (o, 256, 256);
+    points (o, p, 2) / point_labels (o, p), boxes (o, 4) as (x0, y0, x1, y1), mask_inputs (o, L, L) (L = N / 4,
+    256 for a 1024 model);
     a single object's prompts may omit the object axis. Every object gets the same kinds of prompts.
     """
     _check_plain(embeddings)
     batch_size = _check_batch_size(batch_size)
-    check_encoder(model.runner("prompt_decoder").package, embeddings.encoder, "these embeddings come from")
+    check_embeddings(model.runner("prompt_decoder").package, embeddings)
     shape = embeddings.original_shape
-    # every object is checked before any is decoded; the (o, 1, 256, 256) zero mask input this builds
+    # every object is checked before any is decoded; the (o, 1, L, L) zero mask input this builds
     # when there are no mask prompts is calloc'ed and never touched, so it costs no memory
     n = len(build_decoder_inputs(shape, points=points, point_labels=point_labels, boxes=boxes,
-                                 mask_inputs=mask_inputs)["point_coords"])
+                                 mask_inputs=mask_inputs, image_size=model.image_size)["point_coords"])
     pts, box = as_objects(points, 3, "points"), as_objects(boxes, 2, "boxes")
     lab = None if pts is None else np.asarray(point_labels, dtype=np.float64).reshape(pts.shape[:2])
     masks_in = None if mask_inputs is None else \
         np.asarray(mask_inputs, dtype=np.float32).reshape((n,) + np.shape(mask_inputs)[-2:])
     k = registry.NUM_MASK_OUTPUTS - 1 if multimask_output else 1
-    size = registry.LOW_RES_MASK_SIZE
+    size = registry.low_res_mask_size(model.image_size)
     masks = np.zeros((n, k) + tuple(shape), dtype=bool)
     scores = np.zeros((n, k), dtype=np.float32)
     low = np.zeros((n, k, size, size), dtype=np.float32)
@@ -147,7 +148,8 @@ def _object_batches(model: SamModel, embeddings: Embeddings, objects: list,
                for s in range(0, len(idx), batch_size)]
     # every object is checked before any is decoded (the checks are cheap next to one decoder call)
     for signature, idx in batches:
-        build_decoder_inputs(embeddings.original_shape, **_stack_prompts([objects[i] for i in idx], signature))
+        build_decoder_inputs(embeddings.original_shape, **_stack_prompts([objects[i] for i in idx], signature),
+                             image_size=model.image_size)
     for signature, idx in batches:
         prompts = _stack_prompts([objects[i] for i in idx], signature)
         result = _decode_batch(model, embeddings, prompts, multimask_output=False,

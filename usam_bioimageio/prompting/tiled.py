@@ -33,7 +33,7 @@ from usam_bioimageio.embeddings.types import Tile, TiledEmbeddings, Tiling
 
 @dataclass(frozen=True)
 class TiledPromptResult:
-    """masks (o, k, H, W) bool at full-image size; scores (o, k); low_res_logits (o, k, 256, 256) in the
+    """masks (o, k, H, W) bool at full-image size; scores (o, k); low_res_logits (o, k, L, L) (L = N / 4) in the
     frame of each object's tile; tiles (o,) the tile id each object was decoded from."""
 
     masks: np.ndarray
@@ -141,7 +141,7 @@ def segment_from_prompts_tiled(
     """
     # validates every prompt against the full image (shapes, labels, inside the image)
     build_decoder_inputs(tiled.original_shape, points=points, point_labels=point_labels, boxes=boxes,
-                         mask_inputs=mask_inputs)
+                         mask_inputs=mask_inputs, image_size=model.image_size)
     pts, box = as_objects(points, 3, "points"), as_objects(boxes, 2, "boxes")
     if pts is None and box is None:
         raise ValueError("on tiled embeddings every object needs points or a box to choose its tile; "
@@ -170,13 +170,13 @@ def segment_from_prompts_tiled(
     return TiledPromptResult(masks=masks, scores=scores, low_res_logits=low, tiles=tiles)
 
 
-def _place_objects(tiled: TiledEmbeddings, objects: list) -> List[_Placed]:
+def _place_objects(model: SamModel, tiled: TiledEmbeddings, objects: list) -> List[_Placed]:
     if not objects:
         raise ValueError("no objects to segment")
     placed = []
     for i, o in enumerate(objects):
         build_decoder_inputs(tiled.original_shape, points=None if o.points is None else np.reshape(o.points, (-1, 2)),
-                             point_labels=o.point_labels, boxes=o.box, mask_inputs=o.mask)
+                             point_labels=o.point_labels, boxes=o.box, mask_inputs=o.mask, image_size=model.image_size)
         placed.append(_place(tiled.tiling, i, o.points, o.point_labels, o.box, o.mask))
     return placed
 
@@ -184,7 +184,7 @@ def _place_objects(tiled: TiledEmbeddings, objects: list) -> List[_Placed]:
 def segment_objects_tiled(model: SamModel, tiled: TiledEmbeddings, objects: List[ObjectPrompt], *,
                           batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """``segment_objects`` on tiled embeddings: (o, H, W) bool full-size masks in input order."""
-    placed = _place_objects(tiled, objects)
+    placed = _place_objects(model, tiled, objects)
     h, w = tiled.original_shape
     masks = np.zeros((len(placed), h, w), dtype=bool)
     for idx, result, tile in _decode(model, tiled, placed, False, batch_size):
@@ -202,7 +202,7 @@ def label_objects_tiled(model: SamModel, tiled: TiledEmbeddings, objects: List[O
     Batches come in (tile, prompt structure) order; drawing object i as ``max(label, i)`` gives every pixel
     the last object in input order that covers it, whatever the order of drawing (masks_to_labels' rule).
     """
-    placed = _place_objects(tiled, objects)
+    placed = _place_objects(model, tiled, objects)
     labels = np.zeros(tiled.original_shape, dtype=np.uint32)
     for idx, result, tile in _decode(model, tiled, placed, False, batch_size):
         region = labels[tile.outer_slices]  # a view: drawing into it draws into labels

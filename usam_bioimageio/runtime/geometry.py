@@ -4,8 +4,11 @@
   which the packaged image encoder does in its graph) plus input validation.
 - :func:`longest_side_shape`, :func:`transform_coords`, :func:`transform_boxes`: segment_anything's
   ``ResizeLongestSide`` geometry for prompts given in original-image pixels.
-- :func:`upscale_masks`: ``Sam.postprocess_masks`` (low-res 256 x 256 logits -> original size) as two
+- :func:`upscale_masks`: ``Sam.postprocess_masks`` (low-res logits -> original size) as two
   precomputed interpolation matrices.
+
+Every function takes the model's input size N (``image_size``, default SAM's 1024): images are resized so
+that their longer side is N and padded to N x N, low-resolution masks are N / 4 on a side (256 at 1024).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from usam_bioimageio.registry import IMAGE_SIZE, LOW_RES_MASK_SIZE
+from usam_bioimageio.registry import IMAGE_SIZE, check_image_size, low_res_mask_size
 
 __all__ = [
     "interpolation_matrix",
@@ -40,13 +43,13 @@ def longest_side_shape(h: int, w: int, target: int = IMAGE_SIZE) -> Tuple[int, i
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def to_rgb(image: np.ndarray) -> np.ndarray:
+def to_rgb(image: np.ndarray, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Map a 2D image to (H, W, 3) the way µSAM does; the dtype is kept.
 
     (H, W) and (H, W, 1): replicated to three channels; (H, W, 2): a zero third channel is added;
     (H, W, 3): unchanged; (H, W, C > 3): the first three channels, with a warning. Raises ValueError for
     other shapes, empty images, non-numeric or complex dtypes, NaN / inf pixels, and images so elongated
-    that SAM's resize would give a side of 0 pixels.
+    that SAM's resize (longer side to ``image_size``) would give a side of 0 pixels.
     """
     image = np.asarray(image)
     if image.dtype.kind not in "biuf":
@@ -75,10 +78,10 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
         n_bad = int(np.count_nonzero(~np.isfinite(rgb)))
         raise ValueError(f"image has {n_bad} NaN or infinite pixel values")
     h, w = rgb.shape[:2]
-    new_h, new_w = longest_side_shape(h, w)
+    new_h, new_w = longest_side_shape(h, w, image_size)
     if new_h < 1 or new_w < 1:
         raise ValueError(
-            f"image of shape {(h, w)} is too elongated: resizing its longer side to {IMAGE_SIZE} "
+            f"image of shape {(h, w)} is too elongated: resizing its longer side to {image_size} "
             f"gives {(new_h, new_w)} pixels; crop or tile it first"
         )
     return np.ascontiguousarray(rgb)
@@ -90,13 +93,13 @@ def _original_hw(original_shape: Sequence[int]) -> Tuple[int, int]:
     return int(original_shape[0]), int(original_shape[1])
 
 
-def transform_coords(coords: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
-    """``ResizeLongestSide.apply_coords``: (..., 2) points as (x, y) in original pixels -> model input.
+def transform_coords(coords: np.ndarray, original_shape: Sequence[int], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """``ResizeLongestSide(image_size).apply_coords``: (..., 2) points as (x, y) in original pixels -> model input.
 
     Returns a float64 copy: ``x * (new_w / w)``, ``y * (new_h / h)``.
     """
     h, w = _original_hw(original_shape)
-    new_h, new_w = longest_side_shape(h, w)
+    new_h, new_w = longest_side_shape(h, w, image_size)
     coords = np.array(coords, dtype=float)  # a copy
     if coords.shape[-1:] != (2,):
         raise ValueError(f"coords must have shape (..., 2) as (x, y), got {coords.shape}")
@@ -105,12 +108,12 @@ def transform_coords(coords: np.ndarray, original_shape: Sequence[int]) -> np.nd
     return coords
 
 
-def transform_boxes(boxes: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
+def transform_boxes(boxes: np.ndarray, original_shape: Sequence[int], image_size: int = IMAGE_SIZE) -> np.ndarray:
     """``ResizeLongestSide.apply_boxes``: (N, 4) boxes (x0, y0, x1, y1) -> model input, float64 (N, 4)."""
     boxes = np.asarray(boxes)
     if boxes.size % 4:
         raise ValueError(f"boxes must have shape (N, 4) as (x0, y0, x1, y1), got {boxes.shape}")
-    return transform_coords(boxes.reshape(-1, 2, 2), original_shape).reshape(-1, 4)
+    return transform_coords(boxes.reshape(-1, 2, 2), original_shape, image_size).reshape(-1, 4)
 
 
 def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -134,45 +137,51 @@ def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)
-def mask_upscale_matrix(original_size: int, resized_size: int, low_res: int = LOW_RES_MASK_SIZE) -> np.ndarray:
-    """(original, low_res) float32 matrix of one axis of ``Sam.postprocess_masks``.
+def mask_upscale_matrix(original_size: int, resized_size: int, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """(original, low_res) float32 matrix of one axis of ``Sam.postprocess_masks`` of a model of input size
+    ``image_size`` (low_res = image_size / 4).
 
-    The composition of: bilinear ``low_res -> IMAGE_SIZE``, the crop to ``resized_size`` (removing SAM's
+    The composition of: bilinear ``low_res -> image_size``, the crop to ``resized_size`` (removing SAM's
     padding), bilinear ``resized_size -> original_size``. Read-only (cached).
     """
-    up = interpolation_matrix(low_res, IMAGE_SIZE)[:resized_size]  # (resized, low_res)
+    image_size = check_image_size(image_size)
+    up = interpolation_matrix(low_res_mask_size(image_size), image_size)[:resized_size]  # (resized, low_res)
     down = interpolation_matrix(resized_size, original_size)  # (original, resized)
     matrix = (down @ up).astype(np.float32)
     matrix.setflags(write=False)
     return matrix
 
 
-def upscale_masks(low_res_logits: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
-    """``Sam.postprocess_masks``: (..., 256, 256) mask logits -> float32 (..., H, W) at the original size.
+def _check_low_res(low_res_logits: np.ndarray, image_size: int) -> None:
+    size = low_res_mask_size(image_size)
+    if low_res_logits.ndim < 2 or low_res_logits.shape[-2:] != (size, size):
+        raise ValueError(f"low_res_logits must have shape (..., {size}, {size}) for a model of input size "
+                         f"{image_size}, got {low_res_logits.shape}")
+
+
+def upscale_masks(low_res_logits: np.ndarray, original_shape: Sequence[int], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """``Sam.postprocess_masks``: (..., L, L) mask logits (L = image_size / 4: 256 at 1024) -> float32
+    (..., H, W) at the original size.
 
     Computed as ``Ry @ logits @ Rx.T`` with the per-axis matrices of :func:`mask_upscale_matrix`; agrees
     with torch's two ``F.interpolate`` calls to float32 rounding (about 1e-5 on logits of size ~10).
     """
     low_res_logits = np.asarray(low_res_logits, dtype=np.float32)
-    if low_res_logits.ndim < 2 or low_res_logits.shape[-2:] != (LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE):
-        raise ValueError(
-            f"low_res_logits must have shape (..., {LOW_RES_MASK_SIZE}, {LOW_RES_MASK_SIZE}), "
-            f"got {low_res_logits.shape}"
-        )
+    _check_low_res(low_res_logits, image_size)
     h, w = _original_hw(original_shape)
-    new_h, new_w = longest_side_shape(h, w)
-    rows = mask_upscale_matrix(h, new_h)  # (H, 256)
-    cols = mask_upscale_matrix(w, new_w)  # (W, 256)
-    # the second product (H x 256 x W per mask) dominates; do the cheaper axis first
+    new_h, new_w = longest_side_shape(h, w, image_size)
+    rows = mask_upscale_matrix(h, new_h, image_size)  # (H, L)
+    cols = mask_upscale_matrix(w, new_w, image_size)  # (W, L)
+    # the second product (H x L x W per mask) dominates; do the cheaper axis first
     if h <= w:
         return np.matmul(np.matmul(rows, low_res_logits), cols.T)
     return np.matmul(rows, np.matmul(low_res_logits, cols.T))
 
 
 @lru_cache(maxsize=32)
-def upscale_support(original_size: int, resized_size: int) -> Tuple[np.ndarray, np.ndarray]:
+def upscale_support(original_size: int, resized_size: int, image_size: int = IMAGE_SIZE) -> Tuple[np.ndarray, np.ndarray]:
     """First and last low-res index with a non-zero weight, per output index of ``mask_upscale_matrix``."""
-    nonzero = mask_upscale_matrix(original_size, resized_size) != 0
+    nonzero = mask_upscale_matrix(original_size, resized_size, image_size) != 0
     first = nonzero.argmax(axis=1)
     last = nonzero.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
     first.setflags(write=False)  # cached: shared by every caller
@@ -180,7 +189,8 @@ def upscale_support(original_size: int, resized_size: int) -> Tuple[np.ndarray, 
     return first, last
 
 
-def upscale_masks_binary(low_res_logits: np.ndarray, original_shape: Sequence[int], threshold: float = 0.0) -> np.ndarray:
+def upscale_masks_binary(low_res_logits: np.ndarray, original_shape: Sequence[int], threshold: float = 0.0,
+                         image_size: int = IMAGE_SIZE) -> np.ndarray:
     """``upscale_masks(...) > threshold`` computed only where a mask can be above the threshold.
 
     The interpolation weights are non-negative and sum to one, so an output pixel can exceed the threshold
@@ -190,12 +200,11 @@ def upscale_masks_binary(low_res_logits: np.ndarray, original_shape: Sequence[in
     compact objects.
     """
     low = np.asarray(low_res_logits, dtype=np.float32)
-    if low.ndim < 2 or low.shape[-2:] != (LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE):
-        raise ValueError(f"low_res_logits must have shape (..., {LOW_RES_MASK_SIZE}, {LOW_RES_MASK_SIZE})")
+    _check_low_res(low, image_size)
     h, w = _original_hw(original_shape)
-    new_h, new_w = longest_side_shape(h, w)
-    rows, cols = mask_upscale_matrix(h, new_h), mask_upscale_matrix(w, new_w)
-    (rlo, rhi), (clo, chi) = upscale_support(h, new_h), upscale_support(w, new_w)
+    new_h, new_w = longest_side_shape(h, w, image_size)
+    rows, cols = mask_upscale_matrix(h, new_h, image_size), mask_upscale_matrix(w, new_w, image_size)
+    (rlo, rhi), (clo, chi) = upscale_support(h, new_h, image_size), upscale_support(w, new_w, image_size)
     flat = low.reshape((-1,) + low.shape[-2:])
     out = np.zeros((len(flat), h, w), dtype=bool)
     for i, logits in enumerate(flat):

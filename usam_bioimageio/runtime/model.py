@@ -36,5 +36,11 @@ class SamModel:
         return self.family.get("image_encoder").identity
 
     @property
+    def image_size(self) -> int:
+        """The model's input size N: the encoder resizes an image's longer side to N and pads it to N x N;
+        embeddings are (1, 256, N/16, N/16), low-resolution masks and mask prompts N/4, AIS head maps N x N."""
+        return self.family.image_size
+
+    @property
     def model_type(self) -> str:
         return next(iter(self.family.packages.values())).model_type

@@ -28,7 +28,7 @@ from urllib.parse import quote, urljoin, urlparse
 
 import yaml
 
-from usam_bioimageio import settings
+from usam_bioimageio import registry, settings
 from usam_bioimageio.errors import ChecksumError, PackageError, UntrustedPackageError
 from usam_bioimageio.io.download import fetch, sha256_of
 from usam_bioimageio.settings import cache_dir
@@ -81,6 +81,16 @@ class Package:
         return str(self.config.get("model_type", ""))
 
     @property
+    def image_size(self) -> int:
+        """The model's input size N (``config.usam.image_size``; 1024 for packages that record none, as every
+        package exported before sizes other than SAM's existed)."""
+        value = self.config.get("image_size", registry.IMAGE_SIZE)
+        try:
+            return registry.check_image_size(value)
+        except ValueError as err:
+            raise PackageError(f"package {self.name!r}: config.usam.image_size: {err}") from None
+
+    @property
     def weight_formats(self) -> tuple:
         return tuple(self.rdf.get("weights", {}))
 
@@ -124,6 +134,11 @@ class Family:
 
     def __contains__(self, kind: str) -> bool:
         return kind in self.packages
+
+    @property
+    def image_size(self) -> int:
+        """The input size N of the family's model (its packages agree: :func:`check_siblings`)."""
+        return next(iter(self.packages.values())).image_size
 
 
 def _find_rdf(folder: Path) -> Path:
@@ -656,8 +671,31 @@ def check_encoder(package: Package, identity: str, what: str) -> None:
                            f"{what} ({identity[:12]}...): packages of different models are mixed")
 
 
+def check_embeddings(package: Package, embeddings, what: str = "these embeddings come from") -> None:
+    """:func:`check_encoder` for ``embeddings`` (``Embeddings``: ``features`` and ``encoder``), and refuse features
+    whose grid is not the one of ``package``'s input size (micro-sam's caches record no encoder identity, so this is
+    what refuses their 1024 embeddings for a model of another size)."""
+    check_encoder(package, embeddings.encoder, what)
+    side = registry.embedding_size(package.image_size)
+    features = embeddings.features
+    if not hasattr(features, "shape"):  # tiled embeddings: their first tile with features (all are alike)
+        features = next((f for f in features if f is not None), None)
+    shape = tuple(getattr(features, "shape", ()))
+    if len(shape) < 2 or shape[-2:] != (side, side):
+        size = f"input size {shape[-1] * registry.PATCH_SIZE}" if len(shape) >= 2 else "no model"
+        raise ValueError(f"embeddings of shape {shape} are of a model of {size}; {package.name!r} takes input size "
+                         f"{package.image_size}, i.e. embeddings (1, {registry.EMBEDDING_DIM}, {side}, {side}): "
+                         "compute them with this model")
+
+
 def check_siblings(family: Family) -> None:
-    """Refuse a family whose decoders were exported for another image encoder than the one present."""
+    """Refuse a family whose decoders were exported for another image encoder than the one present, or whose
+    packages record different input sizes."""
+    sizes = {kind: package.image_size for kind, package in family.packages.items()}
+    if len(set(sizes.values())) > 1:
+        raise PackageError("the packages of this family are for different input sizes ("
+                           + ", ".join(f"{kind} {size}" for kind, size in sizes.items())
+                           + "): packages of different models are mixed")
     if "image_encoder" not in family:
         return
     encoder = family.get("image_encoder")

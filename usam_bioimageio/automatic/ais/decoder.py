@@ -2,7 +2,7 @@
 
 :func:`ais_maps` runs µSAM's UNETR decoder (``InstanceSegmentationWithDecoder.initialize``): with embeddings
 (given, or computed with the family's image encoder) through the ``ais_head`` package, whose maps are in
-SAM's padded 1024 x 1024 frame and are brought back to the image size here (:func:`maps_to_original`), or,
+SAM's padded N x N frame (N the model's input size, 1024 for SAM) and are brought back to the image size here (:func:`maps_to_original`), or,
 for a family that has only the end-to-end ``ais`` package, through that one. :func:`automatic_instance_segmentation`
 adds µSAM's post-processing (:func:`usam_bioimageio.automatic.ais.postprocess.instances_from_maps`).
 
@@ -25,7 +25,7 @@ from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.embeddings.compute import compute_embeddings, image_to_input
 from usam_bioimageio.runtime.model import SamModel
 from usam_bioimageio.errors import PackageError
-from usam_bioimageio.runtime.packages import check_encoder
+from usam_bioimageio.runtime.packages import check_embeddings
 from usam_bioimageio.runtime.geometry import interpolation_matrix, longest_side_shape
 from usam_bioimageio.registry import IMAGE_SIZE
 from usam_bioimageio.embeddings.types import TiledEmbeddings
@@ -43,18 +43,20 @@ def _resize_matrix(original_size: int, resized_size: int) -> np.ndarray:
     return matrix
 
 
-def maps_to_original(maps: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
-    """µSAM's ``postprocess_masks`` for maps in SAM's padded frame: (..., 1024, 1024) -> float32 (..., H, W).
+def maps_to_original(maps: np.ndarray, original_shape: Sequence[int], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """µSAM's ``postprocess_masks`` for maps in SAM's padded frame of a model of input size N (``image_size``):
+    (..., N, N) -> float32 (..., H, W).
 
-    Crops the top-left ``longest_side_shape(H, W)`` block (SAM's padding removed) and resizes it bilinearly
+    Crops the top-left ``longest_side_shape(H, W, N)`` block (SAM's padding removed) and resizes it bilinearly
     (``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing) to (H, W), as two matrix
     products; equal to torch's interpolation to float32 rounding.
     """
     maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim < 2 or maps.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"maps must have shape (..., {IMAGE_SIZE}, {IMAGE_SIZE}), got {maps.shape}")
+    if maps.ndim < 2 or maps.shape[-2:] != (image_size, image_size):
+        raise ValueError(f"maps must have shape (..., {image_size}, {image_size}) for a model of input size "
+                         f"{image_size}, got {maps.shape}")
     h, w = int(original_shape[0]), int(original_shape[1])
-    new_h, new_w = longest_side_shape(h, w)
+    new_h, new_w = longest_side_shape(h, w, image_size)
     rows = _resize_matrix(h, new_h)  # (H, new_h)
     cols = _resize_matrix(w, new_w)  # (W, new_w)
     cropped = maps[..., :new_h, :new_w]
@@ -96,7 +98,7 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
         raise ValueError("ais_maps needs an image or its embeddings")
     if image is not None:
         image = np.asarray(image)
-        x = image_to_input(image)  # validates the image
+        x = image_to_input(image, model.image_size)  # validates the image
         if embeddings is not None and tuple(embeddings.original_shape) != tuple(x.shape[2:]):
             raise ValueError(f"the embeddings are for an image of shape {tuple(embeddings.original_shape)}, "
                              f"not {tuple(x.shape[2:])}")
@@ -113,11 +115,11 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
         return _tiled_maps(model, embeddings, progress)
     if embeddings is None:
         embeddings = compute_embeddings(model, image)
-    check_encoder(model.family.get("ais_head"), embeddings.encoder, "these embeddings come from")
+    check_embeddings(model.family.get("ais_head"), embeddings)
     runner = model.runner("ais_head")
     features = np.ascontiguousarray(embeddings.features, dtype=np.float32)
     (padded,) = runner(**{runner.input_names[0]: features}).values()
-    return maps_to_original(padded[0], embeddings.original_shape)
+    return maps_to_original(padded[0], embeddings.original_shape, model.image_size)
 
 
 def automatic_instance_segmentation(model: SamModel, image: Optional[np.ndarray] = None, *,

@@ -34,7 +34,7 @@ inclusive box (SAM's XYWH, one less than the pixel extent), ``predicted_iou``, `
 
 Where this implementation is faster than SAM's (same result): the IoU filter runs on the decoder outputs
 before any upscaling, so only its survivors are upscaled, and not through SAM's two bilinear resizes via
-1024 x 1024 but with ``upscale_masks``' per-axis matrices: one dense product for the columns, then 16
+N x N (the model's input size: 1024 for SAM) but with ``upscale_masks``' per-axis matrices: one dense product for the columns, then 16
 output rows at a time through the few intermediate rows that carry non-zero weights, each group
 thresholded for the mask and both stability counts while it is in cache (full-size logits are never
 stored); masks are kept as their box crops, not as run-length codes. The decoder runs on at most 16 points
@@ -45,7 +45,7 @@ Deviations:
   torch to float32 rounding, and the ONNX decoder with torch's to ~1e-5; a pixel whose logit lies within
   that of a threshold can flip, so masks match SAM's to IoU ~0.999, not bit for bit.
 - Prompt coordinates: SAM's generator keeps the grid points in float64 through the prompt encoder's
-  ``(x + 0.5) / 1024``; the decoder package (as SamPredictor.predict and µSAM's generator) casts them to
+  ``(x + 0.5) / N``; the decoder package (as SamPredictor.predict and µSAM's generator) casts them to
   float32 first. A difference of float32 rounding in the positional encoding's input.
 - Crop layers (``crop_n_layers > 0``): the embeddings of a crop are those of the crop as an image of its
   own, i.e. µSAM's per-channel min-max normalisation is taken over the crop (the packaged image encoder
@@ -66,7 +66,7 @@ from usam_bioimageio import registry
 from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.embeddings.compute import compute_embeddings
 from usam_bioimageio.runtime.model import SamModel
-from usam_bioimageio.runtime.packages import check_encoder
+from usam_bioimageio.runtime.packages import check_embeddings
 from usam_bioimageio.runtime.geometry import longest_side_shape, mask_upscale_matrix, to_rgb, upscale_support
 from usam_bioimageio.prompting.inputs import build_decoder_inputs
 from usam_bioimageio.embeddings.types import TiledEmbeddings
@@ -96,7 +96,7 @@ ROW_GROUP = 16  # output rows per step of the row pass
 class _UpscalePlan:
     """``preprocess.upscale_masks`` for one image shape, as :func:`_threshold_logits` applies it.
 
-    cols_t: (256, W) float32, the transposed column matrix (the dense first pass);
+    cols_t: (L, W) float32, the transposed column matrix (the dense first pass; L = N / 4, 256 at 1024);
     rows: per group of up to ``ROW_GROUP`` output rows: (r0, r1, b0, b1, weights (r1 - r0, b1 - b0)), the
     band b0:b1 of intermediate rows that carries all non-zero weights of those output rows.
     """
@@ -106,30 +106,30 @@ class _UpscalePlan:
 
 
 @lru_cache(maxsize=16)
-def _upscale_plan(shape: Tuple[int, int]) -> _UpscalePlan:
+def _upscale_plan(shape: Tuple[int, int], image_size: int = registry.IMAGE_SIZE) -> _UpscalePlan:
     h, w = shape
-    new_h, new_w = longest_side_shape(h, w)
-    rows = mask_upscale_matrix(h, new_h)
-    first, last = upscale_support(h, new_h)
+    new_h, new_w = longest_side_shape(h, w, image_size)
+    rows = mask_upscale_matrix(h, new_h, image_size)
+    first, last = upscale_support(h, new_h, image_size)
     groups = []
     for r0 in range(0, h, ROW_GROUP):
         r1 = min(r0 + ROW_GROUP, h)
         b0, b1 = int(first[r0:r1].min()), int(last[r0:r1].max()) + 1
         groups.append((r0, r1, b0, b1, np.ascontiguousarray(rows[r0:r1, b0:b1])))
-    cols_t = np.ascontiguousarray(mask_upscale_matrix(w, new_w).T)
+    cols_t = np.ascontiguousarray(mask_upscale_matrix(w, new_w, image_size).T)
     return _UpscalePlan(cols_t, tuple(groups))
 
 
 def _threshold_logits(low: np.ndarray, shape: Tuple[int, int], mask_t: float, high_t: float,
-                      low_t: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For (k, 256, 256) low-res logits and ``L = upscale_masks(low, shape)``: (``L > mask_t`` as bool
+                      low_t: float, image_size: int = registry.IMAGE_SIZE) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For (k, N/4, N/4) low-res logits and ``L = upscale_masks(low, shape, N)`` (N = ``image_size``): (``L > mask_t`` as bool
     (k, H, W), ``count(L > high_t)``, ``count(L > low_t)``) per mask, without holding ``L`` in memory.
 
     The column pass is one matrix product; the row pass goes ``ROW_GROUP`` output rows at a time through
     the band of intermediate rows with non-zero weights (the same products as ``upscale_masks`` less the
     exact zeros), each group thresholded and counted while it is in cache.
     """
-    plan = _upscale_plan(tuple(shape))
+    plan = _upscale_plan(tuple(shape), image_size)
     k = len(low)
     h, w = shape
     inter = np.matmul(np.asarray(low, dtype=np.float32).reshape(-1, low.shape[-1]), plan.cols_t)
@@ -201,13 +201,14 @@ def _decode_batch(model: SamModel, embeddings: Embeddings, points: np.ndarray, p
     iou, low = [], []
     for start in range(0, len(points), DECODE_CHUNK):
         sub = points[start:start + DECODE_CHUNK]
-        inputs = build_decoder_inputs(shape, points=sub[:, None, :], point_labels=np.ones((len(sub), 1)))
+        inputs = build_decoder_inputs(shape, points=sub[:, None, :], point_labels=np.ones((len(sub), 1)),
+                                      image_size=model.image_size)
         out = decoder(embeddings=embeddings.features, **inputs)
         iou.append(out["iou_predictions"])
         low.append(out["low_res_masks"])
     n_tokens = registry.NUM_MASK_OUTPUTS - 1
     iou = np.ascontiguousarray(np.concatenate(iou)[:, 1:], dtype=np.float32).reshape(-1)
-    low = np.concatenate(low)  # (b, 4, 256, 256); candidate c is point c // 3, token 1 + c % 3
+    low = np.concatenate(low)  # (b, 4, L, L); candidate c is point c // 3, token 1 + c % 3
     candidates = np.arange(len(iou))
     if params.pred_iou_thresh > 0.0:
         candidates = candidates[iou > np.float32(params.pred_iou_thresh)]
@@ -218,7 +219,7 @@ def _decode_batch(model: SamModel, embeddings: Embeddings, points: np.ndarray, p
         masks, n_high, n_low = _threshold_logits(
             low[index // n_tokens, 1 + index % n_tokens], shape, registry.MASK_THRESHOLD,
             registry.MASK_THRESHOLD + params.stability_score_offset,
-            registry.MASK_THRESHOLD - params.stability_score_offset,
+            registry.MASK_THRESHOLD - params.stability_score_offset, model.image_size,
         )
         # calculate_stability_score: int32 counts divided in float32
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -240,9 +241,9 @@ def _decode_batch(model: SamModel, embeddings: Embeddings, points: np.ndarray, p
     return kept // n_tokens, iou[kept], np.concatenate(stability), np.concatenate(boxes), crops
 
 
-def _chunk_size(shape: Tuple[int, int]) -> int:
-    """Masks thresholded at once: about 64 MiB of bool masks plus 256 x W float32 intermediates each."""
-    per_mask = shape[0] * shape[1] + 4 * 256 * shape[1]
+def _chunk_size(shape: Tuple[int, int], image_size: int = registry.IMAGE_SIZE) -> int:
+    """Masks thresholded at once: about 64 MiB of bool masks plus L x W float32 intermediates each."""
+    per_mask = shape[0] * shape[1] + 4 * registry.low_res_mask_size(image_size) * shape[1]
     return int(max(1, min(64, (64 << 20) // per_mask)))
 
 
@@ -252,7 +253,7 @@ def _process_crop(model: SamModel, embeddings: Embeddings, crop_box: Sequence[in
     points = grid * np.array([crop_w, crop_h], dtype=np.float64)[None]
     x0, y0 = int(crop_box[0]), int(crop_box[1])
     offset = np.array([x0, y0, x0, y0], dtype=np.int64)
-    chunk = _chunk_size((crop_h, crop_w))
+    chunk = _chunk_size((crop_h, crop_w), model.image_size)
     image_box = [0, 0, image_shape[1], image_shape[0]]
     parts = []
     for start in range(0, len(points), params.points_per_batch):
@@ -378,8 +379,8 @@ def _postprocess_small_regions(masks: _Masks, shape: Tuple[int, int], area: int,
 # Public API
 # --------------------------------------------------------------------------------------------------
 
-def _check_image(image: np.ndarray) -> np.ndarray:
-    to_rgb(np.asarray(image))  # validation (shape, dtype, finite values) with the encoder's rules
+def _check_image(image: np.ndarray, image_size: int = registry.IMAGE_SIZE) -> np.ndarray:
+    to_rgb(np.asarray(image), image_size)  # validation (shape, dtype, finite values) with the encoder's rules
     return np.asarray(image)
 
 
@@ -411,7 +412,7 @@ def _checked_shape(model: SamModel, image, embeddings, params: AmgParameters) ->
         raise ValueError("crop layers (crop_n_layers > 0) cannot be combined with tiled embeddings: "
                          "the tiles are the crops (as in µSAM's TiledAutomaticMaskGenerator)")
     if image is not None:
-        image = _check_image(image)
+        image = _check_image(image, model.image_size)
         shape = (int(image.shape[0]), int(image.shape[1]))
         if embeddings is not None and tuple(embeddings.original_shape) != shape:
             raise ValueError(f"the embeddings are of an image of shape {tuple(embeddings.original_shape)}, "
@@ -421,7 +422,7 @@ def _checked_shape(model: SamModel, image, embeddings, params: AmgParameters) ->
         if params.crop_n_layers > 0:
             raise ValueError("crop layers (crop_n_layers > 0) need the image: its crops are encoded separately")
     if embeddings is not None:
-        check_encoder(model.family.get("prompt_decoder"), embeddings.encoder, "these embeddings come from")
+        check_embeddings(model.family.get("prompt_decoder"), embeddings)
     return shape
 
 
