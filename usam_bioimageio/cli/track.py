@@ -1,5 +1,6 @@
-"""`usam track`: automatic tracking of a time series (a folder of frames or a 3D TIFF): AIS per frame, linked into a
-Cell Tracking Challenge result folder, and its options."""
+"""`usam track`: tracking of a time series (a folder of frames or a 3D TIFF) into a Cell Tracking Challenge result
+folder: automatic (AIS per frame, linked), or interactive with ``--prompts`` (objects prompted on their frames and
+followed through time as µSAM's tracking annotator does), and its options."""
 
 from __future__ import annotations
 
@@ -76,12 +77,49 @@ def _frame_embedding_paths(folder: Path, files: List[Path]) -> List[Path]:
     return paths
 
 
+def _track_prompted(args: argparse.Namespace) -> int:
+    """``--prompts``: objects prompted on their frames ("t", "track", "division", "parent" in the prompt file),
+    followed through time (µSAM's track_from_prompts) -> a CTC result folder."""
+    from usam_bioimageio.embeddings.compute import compute_stack_embeddings
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.tracking.interactive import tracks_from_frame_prompts
+    from usam_bioimageio.tracking.prompt_file import check_track_prompts, read_track_prompts
+
+    if args.tile_shape is not None or args.halo is not None:
+        raise UsageError("--tile-shape / --halo: interactive tracking (--prompts) runs on untiled embeddings")
+    if args.embeddings and Path(args.image).is_dir():
+        raise UsageError("--prompts with --embeddings needs a 3D TIFF and its stack cache "
+                         "(`usam embed --cache PATH --stack`); for a folder of frames leave --embeddings out")
+    source, out = Path(args.image), Path(args.out)
+    check_outputs([Output("--out", out, "ctc")], [("--image", source), ("--prompts", args.prompts),
+                                                 ("--embeddings", args.embeddings)], overwrite=args.overwrite)
+    prompts = read_track_prompts(args.prompts)
+    frames = read_frames(source)
+    if frames.shape[0] < 2:
+        raise InputError(f"{source} holds one frame: there is nothing to track")
+    check_track_prompts(prompts, frames.shape[0], frames.shape[1:3], args.prompts)
+    if args.embeddings:
+        check_stack_embeddings_for(Path(args.embeddings), frames)
+    model = SamModel.load(args.model, weight_format=args.weight_format)
+    embeddings = load_stack_embeddings_for(Path(args.embeddings), frames, model) if args.embeddings \
+        else compute_stack_embeddings(model, frames, progress=not args.quiet)
+    tracks = tracks_from_frame_prompts(model, embeddings, prompts=prompts, projection=args.projection,
+                                       iou_threshold=args.iou_threshold, motion_smoothing=args.motion_smoothing,
+                                       box_extension=args.box_extension, progress=not args.quiet)
+    write_ctc_folder(out, tracks, overwrite=args.overwrite)
+    n_div = len(set(tracks.parents().values()))
+    print(f"wrote {out}: {tracks.n_frames} frames, {len(tracks.tracks)} tracks, {n_div} divisions")
+    return 0
+
+
 def cmd_track(args: argparse.Namespace) -> int:
     from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
     from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.tracking.automatic import track_frames
     from usam_bioimageio.tracking.linking import motile_available
 
+    if args.prompts:
+        return _track_prompted(args)
     if args.halo is not None and args.tile_shape is None:
         raise UsageError("--halo needs --tile-shape")
     if args.embeddings and args.tile_shape is not None:
@@ -124,7 +162,8 @@ def add_track_parser(sub) -> None:
 
     text = ("automatic tracking: AIS on every frame (the family's AIS packages), linked with divisions (motile when "
             "installed, else a greedy linker) -> a Cell Tracking Challenge result folder (maskTTT.tif + "
-            "res_track.txt)")
+            "res_track.txt); with --prompts, interactive tracking: objects prompted on their frames, followed "
+            "through time as µSAM's tracking annotator does")
     p = sub.add_parser("track", help=text, description=text)
     p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
     p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
@@ -146,6 +185,24 @@ def add_track_parser(sub) -> None:
     p.add_argument("--preset", default=None, choices=sorted(AIS_PRESETS),
                    help="µSAM's per-model AIS settings (default: µSAM's library defaults)")
     add_ais_options(p)
+    from usam_bioimageio.tracking.interactive import (DEFAULT_BOX_EXTENSION, DEFAULT_IOU_THRESHOLD,
+                                                      DEFAULT_MOTION_SMOOTHING, DEFAULT_PROJECTION)
+    from usam_bioimageio.volumes.interactive import PROJECTION_MODES
+
+    g = p.add_argument_group("interactive tracking (µSAM's track_from_prompts; defaults: its tracking annotator's)")
+    g.add_argument("--prompts", default=None,
+                   help="track prompted objects instead of AIS: a JSON prompt file whose objects name their frame "
+                        "\"t\" and \"track\" (and \"division\", \"parent\", \"stop\"; see "
+                        "usam_bioimageio.tracking.prompt_file); --embeddings: a stack cache of a 3D TIFF")
+    g.add_argument("--projection", default=DEFAULT_PROJECTION, choices=PROJECTION_MODES,
+                   help=f"prompts from the previous frame's mask (default {DEFAULT_PROJECTION})")
+    g.add_argument("--iou-threshold", type=float, default=DEFAULT_IOU_THRESHOLD,
+                   help="after the last prompted frame, stop where the IoU with the (shifted) previous mask drops "
+                        f"below this (default {DEFAULT_IOU_THRESHOLD})")
+    g.add_argument("--motion-smoothing", type=float, default=DEFAULT_MOTION_SMOOTHING,
+                   help=f"weight of the old motion in the smoothed centre shift (default {DEFAULT_MOTION_SMOOTHING})")
+    g.add_argument("--box-extension", type=float, default=DEFAULT_BOX_EXTENSION,
+                   help=f"box from the mask grown by this fraction (default {DEFAULT_BOX_EXTENSION})")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier CTC result in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_track)
