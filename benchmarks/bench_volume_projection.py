@@ -15,13 +15,13 @@ Prints a Markdown section; ``--out FILE`` appends it there too.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_tiling import run_child  # the subprocess runner of the other micro-sam comparison (same folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -80,14 +80,6 @@ with torch.no_grad():
         out[projection] = best
 print("RESULT" + json.dumps(out))
 """
-
-
-def run_child(python: str, code: str, params: dict) -> dict:
-    proc = subprocess.run([python, "-c", code, json.dumps(params)], capture_output=True, text=True, cwd=ROOT)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
-    if proc.returncode or not line:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(line[0][len("RESULT"):])
 
 
 def volume_and_object():
