@@ -263,7 +263,7 @@ def write_ais_packages(
         # ais: image -> maps at the image size
         # (the cover of ais_head shows the same maps: the head's, resized as the ais graph resizes them)
         model = ais_model(checkpoint)
-        x = image_to_input(sample.image)
+        x = image_to_input(sample.image, checkpoint.image_size)
         write_package(
             module=model,
             torchscript=script_ais_model(model) if "torchscript" in formats else None,

@@ -63,7 +63,7 @@ def _save_png(path: Path, rgb: np.ndarray) -> Path:
 def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, formats: Sequence[str], work: Path,
                      test: bool = True) -> np.ndarray:
     model = modules.image_encoder(ckpt)
-    x = image_to_input(sample.image)
+    x = image_to_input(sample.image, ckpt.image_size)
     with torch.no_grad():
         embeddings = model(torch.from_numpy(x)).numpy()
     # Cover: the image beside the first three principal components of its embeddings.
@@ -92,8 +92,8 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
         onnx_dynamic_axes={"image": {2: "y", 3: "x"}},
         output_path=out,
         name=f"{name} image encoder",
-        description=f"µSAM / SAM image encoder ({ckpt.model_type}): any 2D image (whole, not tiled) -> 256x{side}x{side} "
-                    f"embeddings. {SAM_CREDIT}",
+        description=f"µSAM / SAM image encoder ({ckpt.model_type}): any 2D image (whole, not tiled) -> "
+                    f"256x{side}x{side} embeddings. {SAM_CREDIT}",
         authors=AUTHORS,
         architecture=modules.architecture("ImageEncoderModel", model_type=ckpt.model_type, image_size=ckpt.image_size),
         formats=formats,

@@ -12,9 +12,9 @@ Layout of a cache (a zarr group; zarr 3 writes format 3, zarr 2 format 2)::
 
 An item is one slice (z) of one tile (t); a 2D image has one slice, an untiled image one tile. The
 signature (data sha256 / shape / dtype, kind, encoder identity, the model's input size N, tile_shape, halo,
-preprocessing and package versions; caches written before N was recorded are of 1024 models) is written when the cache is created and checked on every later use: anything that
-differs raises :class:`CacheMismatchError` naming it. Each item's features are written first and its
-``complete`` flag second, so an interrupted computation (killed process) leaves only finished items
+preprocessing and package versions; caches written before N was recorded are of 1024 models) is written when the
+cache is created and checked on every later use: anything that differs raises :class:`CacheMismatchError` naming
+it. Each item's features are written first and its ``complete`` flag second, so an interrupted computation (killed process) leaves only finished items
 flagged; the next call with the same arguments computes the missing ones. Reading a cache as finished
 embeddings (:func:`load_cache`) refuses one with missing items. Every item read is checked against its checksum
 (written between its features and its flag): zarr reads a deleted chunk as fill values, which would otherwise be

@@ -147,7 +147,8 @@ def auto_tiling(image_size: int, halo: Optional[PairLike] = None) -> Tuple[Pair,
     hy, hx = as_pair(image_size // 8 if halo is None else halo, "halo", minimum=0)
     if 2 * max(hy, hx) >= image_size:
         raise ValueError(f"halo {(hy, hx)} leaves no tile: with --tile-shape {AUTO_TILING} the outer tiles are "
-                         f"{image_size} x {image_size} (the model's input size), so the halo must be below {image_size // 2}")
+                         f"{image_size} x {image_size} (the model's input size), so the halo must be below "
+                         f"{image_size // 2}")
     return (image_size - 2 * hy, image_size - 2 * hx), (hy, hx)
 
 

@@ -2,8 +2,8 @@
 
 The semantics are those of segment_anything's ``SamPredictor.predict`` applied to each object:
 points and boxes in original image pixel coordinates (x, y), labels 1 = positive, 0 = negative, a mask
-prompt is a previous low-resolution logit map (L x L, L = N / 4 for the model's input size N: 256 at 1024), single-mask output is mask token 0 and
-multimask output are tokens 1..3.
+prompt is a previous low-resolution logit map (L x L, L = N / 4 for the model's input size N: 256 at 1024),
+single-mask output is mask token 0 and multimask output are tokens 1..3.
 
 Objects go to the prompt decoder ``batch_size`` at a time (as AMG's ``points_per_batch``): its memory grows
 with the objects of one call, not with all of them, and each batch is upscaled and written out before the

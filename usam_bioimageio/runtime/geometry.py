@@ -159,7 +159,8 @@ def _check_low_res(low_res_logits: np.ndarray, image_size: int) -> None:
                          f"{image_size}, got {low_res_logits.shape}")
 
 
-def upscale_masks(low_res_logits: np.ndarray, original_shape: Sequence[int], image_size: int = IMAGE_SIZE) -> np.ndarray:
+def upscale_masks(low_res_logits: np.ndarray, original_shape: Sequence[int],
+                  image_size: int = IMAGE_SIZE) -> np.ndarray:
     """``Sam.postprocess_masks``: (..., L, L) mask logits (L = image_size / 4: 256 at 1024) -> float32
     (..., H, W) at the original size.
 
@@ -179,7 +180,8 @@ def upscale_masks(low_res_logits: np.ndarray, original_shape: Sequence[int], ima
 
 
 @lru_cache(maxsize=32)
-def upscale_support(original_size: int, resized_size: int, image_size: int = IMAGE_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+def upscale_support(original_size: int, resized_size: int,
+                    image_size: int = IMAGE_SIZE) -> Tuple[np.ndarray, np.ndarray]:
     """First and last low-res index with a non-zero weight, per output index of ``mask_upscale_matrix``."""
     nonzero = mask_upscale_matrix(original_size, resized_size, image_size) != 0
     first = nonzero.argmax(axis=1)

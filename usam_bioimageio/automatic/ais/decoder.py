@@ -2,7 +2,8 @@
 
 :func:`ais_maps` runs µSAM's UNETR decoder (``InstanceSegmentationWithDecoder.initialize``): with embeddings
 (given, or computed with the family's image encoder) through the ``ais_head`` package, whose maps are in
-SAM's padded N x N frame (N the model's input size, 1024 for SAM) and are brought back to the image size here (:func:`maps_to_original`), or,
+SAM's padded N x N frame (N the model's input size, 1024 for SAM) and are brought back to the image size here
+(:func:`maps_to_original`), or,
 for a family that has only the end-to-end ``ais`` package, through that one. :func:`automatic_instance_segmentation`
 adds µSAM's post-processing (:func:`usam_bioimageio.automatic.ais.postprocess.instances_from_maps`).
 

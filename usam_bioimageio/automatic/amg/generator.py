@@ -34,8 +34,8 @@ inclusive box (SAM's XYWH, one less than the pixel extent), ``predicted_iou``, `
 
 Where this implementation is faster than SAM's (same result): the IoU filter runs on the decoder outputs
 before any upscaling, so only its survivors are upscaled, and not through SAM's two bilinear resizes via
-N x N (the model's input size: 1024 for SAM) but with ``upscale_masks``' per-axis matrices: one dense product for the columns, then 16
-output rows at a time through the few intermediate rows that carry non-zero weights, each group
+N x N (the model's input size: 1024 for SAM) but with ``upscale_masks``' per-axis matrices: one dense product for
+the columns, then 16 output rows at a time through the few intermediate rows that carry non-zero weights, each group
 thresholded for the mask and both stability counts while it is in cache (full-size logits are never
 stored); masks are kept as their box crops, not as run-length codes. The decoder runs on at most 16 points
 per call whatever ``points_per_batch`` is (see ``DECODE_CHUNK``), which bounds its memory.
@@ -122,8 +122,8 @@ def _upscale_plan(shape: Tuple[int, int], image_size: int = registry.IMAGE_SIZE)
 
 def _threshold_logits(low: np.ndarray, shape: Tuple[int, int], mask_t: float, high_t: float,
                       low_t: float, image_size: int = registry.IMAGE_SIZE) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For (k, N/4, N/4) low-res logits and ``L = upscale_masks(low, shape, N)`` (N = ``image_size``): (``L > mask_t`` as bool
-    (k, H, W), ``count(L > high_t)``, ``count(L > low_t)``) per mask, without holding ``L`` in memory.
+    """For (k, N/4, N/4) low-res logits and ``L = upscale_masks(low, shape, N)`` (N = ``image_size``):
+    (``L > mask_t`` as bool (k, H, W), ``count(L > high_t)``, ``count(L > low_t)``) per mask, without holding ``L`` in memory.
 
     The column pass is one matrix product; the row pass goes ``ROW_GROUP`` output rows at a time through
     the band of intermediate rows with non-zero weights (the same products as ``upscale_masks`` less the

@@ -1,0 +1,558 @@
+"""A model of input size 256 end to end (issue 13, part 1): a seeded vit_t at 256 with an AIS decoder, exported
+(gated by bioimageio.core like every family) and run through every package kind and runtime path, against the
+torch model run directly (``seeded_sam("vit_t", image_size=256)``: Pillow's resize, normalisation and padding,
+encoder, prompt encoder + mask decoder, ``postprocess_masks``; the AIS decoder and its crop + resize).
+
+Tolerances are the 1024 tests' (tests/test_end_to_end.py, tests/test_ais_packages.py): embeddings 1e-4, mask
+agreement 0.9999, scores 1e-4, low-res logits 1e-3, AIS maps 1e-4.
+
+CI time: the family is exported with ONNX weights (gated by bioimageio.core, all four packages; the
+pytorch_state_dict architecture with its image_size is checked without bioimageio.core); the slow test exports all
+three formats, gated, and checks the torchscript weights too.
+"""
+
+from __future__ import annotations
+
+import types
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import real_images
+from reference import usam_to_image
+
+from usam_bioimageio import registry
+from usam_bioimageio.embeddings.compute import cached_embeddings, compute_embeddings, compute_tiled_embeddings
+from usam_bioimageio.embeddings.types import Embeddings, auto_tiling, resolve_tiling
+from usam_bioimageio.errors import CacheMismatchError, PackageError
+from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.runtime.packages import Family
+
+SIZE = 256
+SEED, AIS_SEED = 0, 3
+CI_FORMATS = ("onnx",)  # the format exported (and gated) for the fast tests; the slow test gates all three
+TILING = dict(tile_shape=(192, 192), halo=(32, 32))  # the auto tiling at 256
+
+
+@pytest.fixture(scope="module")
+def torch_sam():
+    from usam_bioimageio.modeling import seeded_sam
+
+    return seeded_sam("vit_t", seed=SEED, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def ais_state():
+    from usam_bioimageio.modeling.unetr import seeded_ais_decoder_state
+
+    return seeded_ais_decoder_state("vit_t", AIS_SEED, use_conv_transpose=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, torch_sam, ais_state):
+    from usam_bioimageio.training.checkpoints import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt-256") / "vit_t_256.pt"
+    return save_checkpoint(path, sam_state=torch_sam.state_dict(), decoder_state=ais_state, image_size=SIZE)
+
+
+def _export(tmp_path_factory, checkpoint, formats):
+    """``usam export`` of the 256 checkpoint: all four packages, each format gated by bioimageio.core (the export
+    fails unless every package passes); the exporter's synthetic 256 x 256 sample image as test input."""
+    from usam_bioimageio.cli.main import main
+
+    out = tmp_path_factory.mktemp("family-256") / "family"
+    assert main(["export", str(checkpoint), "--out", str(out), "--formats", *formats, "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, usam_cache, data_dir, checkpoint):
+    return _export(tmp_path_factory, checkpoint, CI_FORMATS)
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return SamModel.load(family)
+
+
+@pytest.fixture(scope="module")
+def dsb_image():
+    return real_images()[2][1]  # a DSB2018 RGB image (larger than 256: downscaled)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the torch reference: the model run directly, as SamPredictor with ResizeLongestSide(256) runs it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _resized(h, w):
+    scale = SIZE / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+@torch.no_grad()
+def _torch_features(sam, image):
+    from PIL import Image
+
+    u8 = usam_to_image(image)
+    new_h, new_w = _resized(*u8.shape[:2])
+    resized = np.asarray(Image.fromarray(u8).resize((new_w, new_h), Image.BILINEAR))  # segment_anything's resize
+    x = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+    return sam.image_encoder(sam.preprocess(x)[None])
+
+
+@torch.no_grad()
+def _torch_predict(sam, features, shape, *, points=None, labels=None, box=None, mask=None, multimask=False):
+    """SamPredictor.predict with ResizeLongestSide(256): (masks (k, H, W) bool, scores (k,), low-res (k, 64, 64))."""
+    h, w = shape
+    new_h, new_w = _resized(h, w)
+    scale = np.array([new_w / w, new_h / h])
+    pts = None
+    if points is not None:
+        coords = torch.as_tensor(np.asarray(points, float) * scale, dtype=torch.float)[None]
+        pts = (coords, torch.as_tensor(np.asarray(labels), dtype=torch.int)[None])
+    boxes = None if box is None else torch.as_tensor((np.asarray(box, float).reshape(2, 2) * scale).reshape(1, 4),
+                                                     dtype=torch.float)
+    masks = None if mask is None else torch.as_tensor(mask, dtype=torch.float).reshape(1, 1, *mask.shape[-2:])
+    sparse, dense = sam.prompt_encoder(points=pts, boxes=boxes, masks=masks)
+    low, iou = sam.mask_decoder(image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                multimask_output=multimask)
+    full = sam.postprocess_masks(low, (new_h, new_w), (h, w)) > sam.mask_threshold
+    return full[0].numpy(), iou[0].numpy(), low[0].numpy()
+
+
+def _agreement(a, b) -> float:
+    return float(np.mean(np.asarray(a) == np.asarray(b)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the export
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_records_its_size(checkpoint):
+    from usam_bioimageio.training.checkpoints import load_checkpoint
+
+    assert torch.load(checkpoint, weights_only=True)["image_size"] == SIZE
+    assert load_checkpoint(checkpoint).image_size == SIZE
+
+
+def _rdf(family, kind):
+    with zipfile.ZipFile(family / f"{kind}.zip") as zf:
+        return yaml.safe_load(zf.read("rdf.yaml"))
+
+
+def _axes(tensor):
+    return {a.get("id", a["type"]): a.get("size") for a in tensor["axes"]}
+
+
+def test_every_package_records_the_size(family, model):
+    """rdf axes and config.usam say 256: embeddings 16 x 16, masks and mask prompts 64 x 64,
+    AIS head maps 256 x 256; the whole-image note and the documentation name 256."""
+    manifest = yaml.safe_load((family / "family.yaml").read_text())
+    assert manifest["image_size"] == SIZE and set(manifest["packages"]) == {"image_encoder", "prompt_decoder", "ais",
+                                                                            "ais_head"}
+    for kind in manifest["packages"]:
+        rdf = _rdf(family, kind)
+        usam = rdf["config"]["usam"]
+        assert usam["image_size"] == SIZE and usam["embedding_shape"] == [256, 16, 16], kind
+        assert usam["resize"].startswith("longest side to 256,"), kind
+        assert set(rdf["weights"]) == set(CI_FORMATS), kind
+        if "whole_image" in usam:
+            assert "longer side is 256 pixels" in usam["whole_image"]
+        embeddings = [t for t in rdf["inputs"] + rdf["outputs"] if t["id"] == "embeddings"]
+        for t in embeddings:
+            assert _axes(t)["y"] == 16 and _axes(t)["x"] == 16, kind
+    decoder = _rdf(family, "prompt_decoder")
+    tensors = {t["id"]: t for t in decoder["inputs"] + decoder["outputs"]}
+    assert _axes(tensors["mask_input"])["y"] == 64 and _axes(tensors["low_res_masks"])["x"] == 64
+    head = _rdf(family, "ais_head")
+    assert _axes(head["outputs"][0])["y"] == SIZE
+    with zipfile.ZipFile(family / "image_encoder.zip") as zf:
+        doc = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".md"))
+    assert "resize to 256" in doc and "256 x 16 x 16" in doc
+    assert model.image_size == SIZE and model.family.image_size == SIZE
+
+
+def test_pytorch_state_dict_architectures_take_the_size(checkpoint, family):
+    """What bioimageio.core builds from a package's pytorch_state_dict architecture (its kwargs carry image_size 256)
+    loads the checkpoint's weights strictly and reproduces the package's test outputs (the fast tests export ONNX
+    only; the slow test gates every format)."""
+    from usam_exporters import modules
+
+    from usam_bioimageio.modeling import packaged
+    from usam_bioimageio.training.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    built = {"ImageEncoderModel": modules.image_encoder(ckpt), "PromptDecoderModel": modules.prompt_decoder(ckpt)}
+    for name, module in built.items():
+        spec = modules.architecture(name, model_type="vit_t", image_size=SIZE)
+        assert spec.kwargs == {"model_type": "vit_t", "image_size": SIZE} and module.image_size == SIZE
+        rebuilt = getattr(packaged, name)(**spec.kwargs)
+        rebuilt.load_state_dict(module.state_dict(), strict=True)
+        built[name] = rebuilt
+    assert modules.architecture("ImageEncoderModel", model_type="vit_t").kwargs == {"model_type": "vit_t"}  # 1024
+    # the encoder built from those kwargs gives the package's test output
+    rdf = _rdf(family, "image_encoder")
+    encoder = built["ImageEncoderModel"]
+    with zipfile.ZipFile(family / "image_encoder.zip") as zf:
+        names = {n.rsplit("/", 1)[-1]: n for n in zf.namelist()}
+        x = np.load(zf.open(names[rdf["inputs"][0]["test_tensor"]["source"]]))
+        y = np.load(zf.open(names[rdf["outputs"][0]["test_tensor"]["source"]]))
+    with torch.no_grad():
+        assert float(np.abs(encoder.eval()(torch.from_numpy(x)).numpy() - y).max()) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the runtime against the torch model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_embeddings(model, torch_sam, images):
+    for name, image in images:
+        ref = _torch_features(torch_sam, image).numpy()
+        emb = compute_embeddings(model, image)
+        assert emb.features.shape == (1, 256, 16, 16)
+        diff = float(np.abs(emb.features - ref).max())
+        assert diff <= 1e-4, f"{model.weight_format} {name}: max abs diff {diff}"
+
+
+def test_embeddings_equal_torch(model, torch_sam):
+    """Gray, RGB and a large image (1305 x 1009, downscaled 5x by Pillow's antialiased resize)."""
+    images = real_images()
+    _check_embeddings(model, torch_sam, [images[0], images[2], images[3]])
+
+
+@pytest.fixture(scope="module")
+def dsb_setup(model, torch_sam, dsb_image):
+    return _torch_features(torch_sam, dsb_image), compute_embeddings(model, dsb_image)
+
+
+@pytest.fixture(scope="module")
+def dsb_tiled(model, dsb_image):
+    return compute_tiled_embeddings(model, dsb_image, **TILING, progress=False)
+
+
+def _check_prompts(model, embeddings, torch_sam, features, image, kind):
+    shape = image.shape[:2]
+    h, w = shape
+    c = np.array([0.4 * w, 0.55 * h])
+    b = np.concatenate([c - [0.1 * w, 0.08 * h], c + [0.1 * w, 0.08 * h]])
+    neg = c + [0.0, 0.13 * h]
+    prompts = {
+        "point": dict(points=c[None], labels=[1]),
+        "box": dict(box=b),
+        "points_and_box": dict(points=np.stack([c, c + 2]), labels=[1, 1], box=b),
+        "negative_point": dict(points=np.stack([c, neg]), labels=[1, 0]),
+        "multimask": dict(points=c[None], labels=[1], multimask=True),
+    }.get(kind)
+    if prompts is None:  # refinement: the previous low-res mask as a prompt (64 x 64 at 256)
+        _, _, low = _torch_predict(torch_sam, features, shape, points=c[None], labels=[1])
+        prompts = dict(mask=low)
+        if kind == "all":
+            prompts.update(points=np.stack([c, neg]), labels=[1, 0], box=b)
+    ref_masks, ref_scores, ref_low = _torch_predict(torch_sam, features, shape, **prompts)
+    from usam_bioimageio.prompting.predict import segment_from_prompts
+
+    ours = segment_from_prompts(model, embeddings, points=prompts.get("points"),
+                                point_labels=prompts.get("labels"), boxes=prompts.get("box"),
+                                mask_inputs=prompts.get("mask"), multimask_output=prompts.get("multimask", False))
+    assert ours.low_res_logits.shape == (1, len(ref_masks), 64, 64)
+    for k in range(len(ref_masks)):
+        assert _agreement(ours.masks[0, k], ref_masks[k]) >= 0.9999
+    np.testing.assert_allclose(ours.scores[0], ref_scores, atol=1e-4)
+    np.testing.assert_allclose(ours.low_res_logits[0], ref_low, atol=1e-3)
+
+
+PROMPT_KINDS = ["point", "box", "points_and_box", "negative_point", "mask", "all", "multimask"]
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_prompts_equal_torch(model, torch_sam, dsb_image, dsb_setup, kind):
+    _check_prompts(model, dsb_setup[1], torch_sam, dsb_setup[0], dsb_image, kind)
+
+
+def test_segment_from_mask_uses_64_mask_prompts(model, dsb_setup, dsb_image):
+    from usam_bioimageio.prompting.from_mask import logits_from_mask, segment_from_mask
+    from usam_bioimageio.prompting.predict import segment_from_prompts
+
+    emb = dsb_setup[1]
+    mask = np.zeros(dsb_image.shape[:2], np.uint8)
+    mask[100:160, 200:280] = 1
+    assert logits_from_mask(mask=mask, image_size=SIZE).shape == (64, 64)
+    ours = segment_from_mask(model, emb, mask=mask)
+    direct = segment_from_prompts(model, emb, boxes=[200, 100, 280, 160],
+                                  mask_inputs=logits_from_mask(mask=mask, image_size=SIZE)[None])
+    assert np.array_equal(ours.masks, direct.masks)
+    empty = segment_from_mask(model, emb, mask=np.zeros_like(mask), allow_empty=True)  # µSAM's empty-mask decode
+    assert empty.low_res_logits.shape == (1, 1, 64, 64)
+
+
+def test_tiled_prompts_are_their_tiles(model, dsb_image, dsb_tiled):
+    """Tiled embeddings at 256 (the auto tiling: tiles 192, halo 32): each object is decoded from its tile, i.e.
+    equals segment_from_prompts on the embeddings of that tile's outer block, pasted at its place."""
+    from usam_bioimageio.prompting.predict import segment_from_prompts
+    from usam_bioimageio.prompting.tiled import segment_from_prompts_tiled
+
+    tile_shape, halo = resolve_tiling("auto", None, dsb_image.shape, SIZE)
+    assert dict(tile_shape=tile_shape, halo=halo) == TILING
+    tiled = dsb_tiled
+    assert len(tiled) > 1 and tiled.features[0].shape == (1, 256, 16, 16)
+    boxes = np.array([[30, 40, 90, 100], [300, 250, 360, 300]], float)
+    res = segment_from_prompts_tiled(model, tiled, boxes=boxes)
+    assert res.masks.shape == (2, 1) + dsb_image.shape[:2] and res.low_res_logits.shape == (2, 1, 64, 64)
+    for i, box in enumerate(boxes):
+        tile = tiled.tiling.tile(int(res.tiles[i]))
+        (y0, x0), (ys, xs) = tile.outer_begin, tile.outer_slices
+        alone = segment_from_prompts(model, compute_embeddings(model, dsb_image[ys, xs]), boxes=box - [x0, y0, x0, y0])
+        expected = np.zeros(dsb_image.shape[:2], bool)
+        expected[ys, xs] = alone.masks[0, 0]
+        assert _agreement(res.masks[i, 0], expected) >= 0.9999
+
+
+def _torch_ais_maps(torch_sam, ais_state, image):
+    from usam_bioimageio.modeling.unetr import load_ais_decoder, postprocess_like_torch_em
+
+    features = _torch_features(torch_sam, image)
+    with torch.no_grad():
+        padded = load_ais_decoder("vit_t", ais_state)(features)
+        assert padded.shape == (1, 3, SIZE, SIZE)
+        return features, postprocess_like_torch_em(padded, image.shape[:2])[0].numpy()
+
+
+def _check_end_to_end_ais(model, image, ref):
+    """A family of the end-to-end package alone runs it on the image: the torch decoder's maps ``ref``."""
+    from usam_bioimageio.automatic.ais.decoder import ais_maps
+
+    end_to_end = SamModel(Family({"ais": model.family.get("ais")}), weight_format=model.weight_format)
+    diff = float(np.abs(ais_maps(end_to_end, image) - ref).max())
+    assert diff <= 1e-4, f"{model.weight_format}: {diff}"
+
+
+def test_ais_equals_torch(model, torch_sam, ais_state, dsb_image, dsb_setup, dsb_tiled):
+    """AIS head on the embeddings (maps 256 x 256, cropped and resized here) and the end-to-end AIS package both
+    give the torch decoder's maps; labels and tiled AIS come out at the image size."""
+    from usam_bioimageio.automatic.ais.decoder import ais_maps, automatic_instance_segmentation
+
+    features, ref = _torch_ais_maps(torch_sam, ais_state, dsb_image)
+    head = ais_maps(model, embeddings=Embeddings(features.numpy(), dsb_image.shape[:2], model.encoder_identity))
+    assert float(np.abs(head - ref).max()) <= 1e-4
+    _check_end_to_end_ais(model, dsb_image, ref)
+    labels = automatic_instance_segmentation(model, dsb_image, embeddings=dsb_setup[1])
+    assert labels.shape == dsb_image.shape[:2] and labels.max() > 0
+    assert automatic_instance_segmentation(model, dsb_image, embeddings=dsb_tiled).shape == dsb_image.shape[:2]
+
+
+def test_amg_masks_are_the_decoders(model, dsb_setup, dsb_image, dsb_tiled):
+    """AMG's point grid in the 256 frame: each record is the multimask output of its point, upscaled from 64 x 64."""
+    from usam_bioimageio.automatic.amg.generator import AmgParameters, automatic_mask_generation, generate_masks
+    from usam_bioimageio.prompting.predict import segment_from_prompts
+
+    emb = dsb_setup[1]
+    params = AmgParameters(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    records = generate_masks(model, dsb_image, embeddings=emb, params=params)
+    assert records and all(r["segmentation"].shape == dsb_image.shape[:2] for r in records)
+    for r in records[:5]:
+        res = segment_from_prompts(model, emb, points=np.array(r["point_coords"]), point_labels=[1],
+                                   multimask_output=True)
+        assert max(_agreement(r["segmentation"], m) for m in res.masks[0]) >= 0.9999
+    labels = automatic_mask_generation(model, dsb_image, embeddings=emb, params=AmgParameters(points_per_side=6))
+    assert labels.shape == dsb_image.shape[:2]
+    assert automatic_mask_generation(model, dsb_image, embeddings=dsb_tiled,
+                                     params=AmgParameters(points_per_side=4)).shape == dsb_image.shape[:2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# caches and mismatched sizes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_cache_round_trip_and_another_size_is_refused(model, dsb_image, dsb_tiled, tmp_path):
+    from usam_bioimageio.embeddings.cache import EmbeddingCache, load_cache
+
+    path = tmp_path / "c.zarr"
+    cached = cached_embeddings(model, dsb_image, path, **TILING, progress=False)
+    direct = dsb_tiled
+    assert EmbeddingCache.read(path).signature["image_size"] == SIZE
+    for t in range(len(direct)):
+        assert np.array_equal(cached[0].features[t], direct.features[t])
+        assert np.array_equal(load_cache(path, model=model)[0].features[t], direct.features[t])
+    # the same encoder identity but another input size: the size alone refuses the cache, naming it
+    other = types.SimpleNamespace(encoder_identity=model.encoder_identity, image_size=1024, model_type="vit_t")
+    with pytest.raises(CacheMismatchError, match=r"model input size: cache 256, now 1024") as err:
+        cached_embeddings(other, dsb_image, path, **TILING, progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CacheMismatchError, match="input size 256; this model takes 1024"):
+        load_cache(path, model=other)
+
+
+def test_caches_without_a_size_are_1024(model, image, tmp_path):
+    """Caches written before the size was recorded (no image_size in the signature) are of 1024 models."""
+    import zarr
+
+    from usam_bioimageio.embeddings.cache import ATTR, load_cache
+
+    path = tmp_path / "old.zarr"
+    cached_embeddings(model, image, path, progress=False)
+    group = zarr.open_group(str(path), mode="a")
+    meta = dict(group.attrs[ATTR])
+    meta["signature"] = {k: v for k, v in meta["signature"].items() if k != "image_size"}
+    group.attrs[ATTR] = meta
+    with pytest.raises(CacheMismatchError, match=r"model input size: cache 1024, now 256"):
+        cached_embeddings(model, image, path, progress=False)
+    with pytest.raises(CacheMismatchError, match="input size 1024; this model takes 256"):
+        load_cache(path, model=model)
+
+
+def test_micro_sam_caches_and_1024_embeddings_are_refused(model, tmp_path):
+    """micro-sam's caches (1024: features 64 x 64, no encoder identity) are refused by a 256 model, and so are
+    embeddings of the wrong grid given directly."""
+    import shutil
+    from pathlib import Path
+
+    from usam_bioimageio.automatic.ais.decoder import ais_maps
+    from usam_bioimageio.embeddings.cache import load_cache
+    from usam_bioimageio.prompting.predict import segment_from_prompts
+
+    caches = Path(__file__).parent / "data" / "micro_sam_caches"
+    for name in ("2d.zarr", "2d_tiled.zarr"):
+        shutil.copytree(caches / name, tmp_path / name)
+        with pytest.raises(CacheMismatchError, match="input size 1024 .*this model takes 256"):
+            load_cache(tmp_path / name, model=model)
+    foreign = Embeddings(np.zeros((1, 256, 64, 64), np.float32), (300, 500), "")
+    for call in (lambda: segment_from_prompts(model, foreign, boxes=[0, 0, 10, 10]),
+                 lambda: ais_maps(model, embeddings=foreign)):
+        with pytest.raises(ValueError, match=r"model of input size 1024; .* takes input size 256") as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sizes: detection, the auto tiling, bad values
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_512_vit_checkpoint_tells_its_size(tmp_path):
+    """A ViT's position embedding gives its size (no image_size key needed), and the exported geometry follows."""
+    from usam_bioimageio.modeling import build_sam
+    from usam_bioimageio.training.checkpoints import load_checkpoint
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_sam("vit_b", image_size=512).state_dict().items()}
+    state = {k: torch.zeros(s) for k, s in shapes.items()}
+    assert state["image_encoder.pos_embed"].shape == (1, 32, 32, 768)
+    torch.save({"model_state": state}, tmp_path / "vit_b_512.pt")
+    ckpt = load_checkpoint(tmp_path / "vit_b_512.pt")
+    assert (ckpt.model_type, ckpt.image_size) == ("vit_b", 512)
+    torch.save({"model_state": state, "image_size": 1024}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="records image size 1024, but its position embedding is for 512"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_auto_tiling():
+    assert auto_tiling(1024) == ((768, 768), (128, 128))
+    assert auto_tiling(256) == ((192, 192), (32, 32))
+    assert auto_tiling(256, halo=(16, 64)) == ((224, 128), (16, 64))  # outer tiles stay 256 x 256
+    assert resolve_tiling("auto", None, (256, 200), 256) == (None, None)  # fits the model's input: not tiled
+    assert resolve_tiling("auto", None, (257, 200), 256) == ((192, 192), (32, 32))
+    assert resolve_tiling([100, 100], [8, 8], (999, 999), 256) == ([100, 100], [8, 8])
+    assert resolve_tiling(None, None, (999, 999), 256) == (None, None)  # the default: the whole image
+    with pytest.raises(ValueError, match="halo must be below 128"):
+        auto_tiling(256, halo=128)
+
+
+def test_cli_auto_tiling(model, family, dsb_image, dsb_tiled, tmp_path, capsys):
+    """`usam ais --tile-shape auto` tiles a 256 model's large image with tiles 192 + halo 32 (the API's result);
+    `usam embed --tile-shape auto` records that tiling in the cache."""
+    import tifffile
+
+    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
+    from usam_bioimageio.cli.main import main
+    from usam_bioimageio.embeddings.cache import EmbeddingCache
+
+    tifffile.imwrite(tmp_path / "img.tif", dsb_image)
+    assert main(["ais", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
+                 str(tmp_path / "labels.tif"), "--tile-shape", "auto", "--quiet"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "labels.tif"),
+                          automatic_instance_segmentation(model, dsb_image, embeddings=dsb_tiled))
+    tifffile.imwrite(tmp_path / "crop.tif", dsb_image[:300, :300])  # 2 x 2 tiles of 192 (+ halo 32)
+    assert main(["embed", "--model", str(family), "--image", str(tmp_path / "crop.tif"), "--cache",
+                 str(tmp_path / "c.zarr"), "--tile-shape", "auto", "--quiet"]) == 0
+    meta = EmbeddingCache.read(tmp_path / "c.zarr").meta
+    assert meta["tiling"] == {"shape": [300, 300], "tile_shape": [192, 192], "halo": [32, 32]}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["embed", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--cache",
+              str(tmp_path / "d.zarr"), "--tile-shape", "7"])
+    assert exit_info.value.code == 2 and "give two integers Y X or 'auto'" in capsys.readouterr().err
+
+
+def test_bad_sizes_are_one_line_errors(family, tmp_path, capsys):
+    from usam_bioimageio.cli.main import main
+    from usam_bioimageio.modeling import build_sam
+    from usam_bioimageio.modeling.packaged import ImageEncoderModel
+    from usam_bioimageio.prompting.inputs import build_decoder_inputs
+    from usam_bioimageio.runtime.packages import load_package
+    from usam_bioimageio.training.checkpoints import save_checkpoint
+
+    for bad in (300, 2048, 256.0, "256", True):
+        with pytest.raises(ValueError) as err:
+            registry.check_image_size(bad)
+        assert "\n" not in str(err.value) and "[256, 512, 1024]" in str(err.value)
+    with pytest.raises(ValueError, match="image size 300 is not supported"):
+        build_sam("vit_t", image_size=300)
+    with pytest.raises(ValueError, match="image size 100 is not supported"):
+        ImageEncoderModel("vit_t", image_size=100)
+    with pytest.raises(ValueError, match=r"mask_inputs must be low-resolution logits of shape \(objects, 64, 64\) "
+                                         r"for a model of input size 256, got \(1, 256, 256\)"):
+        build_decoder_inputs((100, 100), mask_inputs=np.zeros((1, 256, 256)), image_size=SIZE)
+    # an rdf recording an unsupported size; a family whose packages disagree
+    mixed = tmp_path / "mixed"
+    for kind in ("image_encoder", "prompt_decoder"):
+        with zipfile.ZipFile(family / f"{kind}.zip") as zf:
+            zf.extractall(mixed / kind)
+    folder = mixed / "prompt_decoder"
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    rdf["config"]["usam"]["image_size"] = 300
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    with pytest.raises(PackageError, match=r"config.usam.image_size: image size 300 is not supported") as err:
+        _ = load_package(folder).image_size
+    assert "\n" not in str(err.value)
+    rdf["config"]["usam"]["image_size"] = 512
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    with pytest.raises(PackageError, match=r"different input sizes \(image_encoder 256, prompt_decoder 512\)"):
+        SamModel.load(mixed)
+    # a checkpoint recording one: `usam export` fails with one line and exit status 1
+    from usam_bioimageio.modeling import seeded_sam
+
+    path = tmp_path / "bad_size.pt"
+    save_checkpoint(path, sam_state=seeded_sam("vit_t", image_size=SIZE).state_dict(), image_size=SIZE)
+    obj = torch.load(path, weights_only=True)
+    obj["image_size"] = 300
+    torch.save(obj, path)
+    capsys.readouterr()
+    assert main(["export", str(path), "--out", str(tmp_path / "never"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'image_size': image size 300 is not supported" in err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow  # ~5 min on 2 shared cores: every format of the four packages exported and gated
+def test_every_format_is_gated_and_torchscript_equals_torch(tmp_path_factory, usam_cache, data_dir, checkpoint,
+                                                            torch_sam, ais_state, dsb_image):
+    from usam_exporters.writer import DEFAULT_FORMATS
+
+    family = _export(tmp_path_factory, checkpoint, DEFAULT_FORMATS)
+    for kind in ("image_encoder", "prompt_decoder", "ais", "ais_head"):
+        kwargs = _rdf(family, kind)["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]
+        assert kwargs["image_size"] == SIZE, kind
+    scripted = SamModel.load(family, weight_format="torchscript")
+    _check_embeddings(scripted, torch_sam, real_images())
+    emb = compute_embeddings(scripted, dsb_image)
+    features = _torch_features(torch_sam, dsb_image)
+    for kind in PROMPT_KINDS:
+        _check_prompts(scripted, emb, torch_sam, features, dsb_image, kind)
+    _check_end_to_end_ais(scripted, dsb_image, _torch_ais_maps(torch_sam, ais_state, dsb_image)[1])
