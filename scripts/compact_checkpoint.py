@@ -16,8 +16,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
-    save_compact_checkpoint(args.out, sam_state=ckpt.sam_state, decoder_state=ckpt.decoder_state)
-    print(f"{args.out}: {args.out.stat().st_size / 2**20:.1f} MiB ({ckpt.model_type}, "
+    save_compact_checkpoint(args.out, sam_state=ckpt.sam_state, decoder_state=ckpt.decoder_state,
+                            image_size=ckpt.image_size)
+    print(f"{args.out}: {args.out.stat().st_size / 2**20:.1f} MiB ({ckpt.model_type} at {ckpt.image_size}, "
           f"{'with' if ckpt.has_decoder else 'without'} AIS decoder)")
 
 

@@ -49,6 +49,7 @@ def check_train_output(output: Path, inputs: Sequence[Tuple[str, Optional[Path]]
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``usam train``: finetune on a dataset folder or on folders of images and label images matched by file
     stem; the output is checked before any data is read or a model is built."""
+    from usam_bioimageio.training.recipe import STAGES, RecipeConfig
     from usam_bioimageio.training.trainer import TrainConfig, read_pairs, train
 
     parser = argparse.ArgumentParser(prog="usam train", description="Finetune SAM with µSAM's iterative prompting.")
@@ -69,14 +70,33 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--checkpoint", help="initial SAM / µSAM weights: a file (µSAM's layouts, compact int8 "
                         "files), URL or registry name, as usam export reads them (default: untrained)")
     defaults = TrainConfig()
-    for name in ("n_iterations", "n_objects", "batch_size", "epochs", "steps_per_epoch", "early_stopping", "seed"):
+    parser.add_argument("--image-size", type=int, default=1024, choices=[256, 512, 1024],
+                        help="the model's input size (SAM: 1024); embeddings are N / 16, low-res masks N / 4")
+    parser.add_argument("--stage", choices=list(STAGES), default=None,
+                        help="train from scratch in stages (usam_bioimageio.training.recipe): 'ais' = image encoder "
+                             "+ AIS decoder on random native-resolution crops; 'prompts' = the prompt decoder on "
+                             "the --checkpoint of stage 'ais' (class-balanced BCE, µSAM's corrective points). "
+                             "Without --stage: µSAM's finetuning (usam_bioimageio.training.trainer)")
+    # None: the default of the chosen trainer (TrainConfig or RecipeConfig)
+    for name in ("n_iterations", "n_objects", "batch_size", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    for name in ("epochs", "steps_per_epoch", "early_stopping"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--mask-prob", type=float, default=defaults.mask_prob)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--mask-prob", type=float, default=None)
     parser.add_argument("--train-encoder", action="store_true", help="also train the image encoder (slow on CPU)")
+    recipe = parser.add_argument_group("with --stage")
+    recipe.add_argument("--steps", type=int, default=RecipeConfig.steps, help="optimiser steps in total")
+    recipe.add_argument("--checkpoint-every", type=int, default=RecipeConfig.checkpoint_every,
+                        help="write latest.pt (exact resumption state) and the curves every N steps")
+    recipe.add_argument("--val-every", type=int, default=RecipeConfig.val_every, help="validate every N steps")
+    recipe.add_argument("--warmup", type=int, default=RecipeConfig.warmup, help="linear learning-rate warm-up steps")
+    recipe.add_argument("--weight-decay", type=float, default=RecipeConfig.weight_decay)
+    recipe.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    recipe.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-ais-decoder", action="store_true",
                         help="do not train µSAM's AIS (UNETR) decoder jointly (trained by default, as in µSAM)")
-    parser.add_argument("--ais-min-size", type=int, default=defaults.ais_min_size,
+    parser.add_argument("--ais-min-size", type=int, default=None,
                         help="objects smaller than this are left out of the AIS targets")
     parser.add_argument("--ais-crop", type=int, default=None,
                         help="AIS loss on a random block of N x N embedding cells (16 N pixels of SAM's frame) "
@@ -98,13 +118,26 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     check_train_output(args.output, [("--data", args.data), ("--train-images", args.train_images),
                                      ("--train-labels", args.train_labels), ("--val-images", args.val_images),
                                      ("--val-labels", args.val_labels)], args.checkpoint, overwrite=args.overwrite)
-    config = TrainConfig(model_type=args.model_type, n_iterations=args.n_iterations, n_objects=args.n_objects,
-                         batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                         early_stopping=args.early_stopping, seed=args.seed, lr=args.lr, mask_prob=args.mask_prob,
-                         freeze_encoder=not args.train_encoder, device=args.device,
-                         train_ais_decoder=not args.no_ais_decoder, ais_min_size=args.ais_min_size,
-                         ais_crop=args.ais_crop, ais_separate_step=not args.joint_step,
-                         mask_bce=args.mask_bce)
+    given = {k: getattr(args, k) for k in ("n_iterations", "n_objects", "batch_size", "seed", "lr", "mask_prob")
+             if getattr(args, k) is not None}
+    if args.stage is not None:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        config = RecipeConfig(stage=args.stage, model_type=args.model_type, image_size=args.image_size,
+                              steps=args.steps, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
+                              warmup=args.warmup, weight_decay=args.weight_decay, device=args.device,
+                              ais_crop=args.ais_crop, train_encoder=args.train_encoder,
+                              **({"ais_min_size": args.ais_min_size} if args.ais_min_size is not None else {}),
+                              **given)
+    else:
+        config = TrainConfig(model_type=args.model_type, image_size=args.image_size, epochs=args.epochs,
+                             steps_per_epoch=args.steps_per_epoch, early_stopping=args.early_stopping,
+                             freeze_encoder=not args.train_encoder, device=args.device,
+                             train_ais_decoder=not args.no_ais_decoder, ais_min_size=args.ais_min_size or 0,
+                             ais_crop=args.ais_crop, ais_separate_step=not args.joint_step,
+                             mask_bce=args.mask_bce, **given)
     if args.data is not None:
         from usam_bioimageio.io.datasets import read_split
 
@@ -113,6 +146,33 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         train_pairs = read_pairs(args.train_images, args.train_labels)
         val = read_pairs(args.val_images, args.val_labels) if args.val_images else ()
+    if args.stage is not None:
+        return _train_stage(config, train_pairs, val, args)
     trainer = train(train_pairs, val, config=config, checkpoint_dir=args.output, initial_weights=args.checkpoint)
     print(f"best validation metric {trainer.best_metric:.4f}; checkpoints in {args.output}")
+    return 0
+
+
+def _train_stage(config, train_pairs, val, args) -> int:
+    """One stage of the recipe: resumed when --checkpoint is this stage's latest.pt in --output (then it
+    continues exactly), else started from --checkpoint's weights (or from scratch)."""
+    import torch
+
+    from usam_bioimageio.training.recipe import STATE_KEY, RecipeTrainer
+
+    resume = None
+    initial = args.checkpoint
+    if args.checkpoint is not None and Path(args.checkpoint).is_file() and _is_within(Path(args.checkpoint), args.output):
+        raw = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(raw, dict) and raw.get(STATE_KEY, {}).get("stage") == config.stage:
+            resume, initial = Path(args.checkpoint), None
+        del raw
+    trainer = RecipeTrainer(train_pairs, val, config, initial_weights=initial)
+    if resume is not None:
+        trainer.resume(resume)
+        print(f"resumed from {resume} at step {trainer.step}")
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    trainer.fit(args.output, progress=not args.no_progress)
+    print(f"stage {config.stage}: {trainer.step} steps, {trainer.cpu_seconds / 3600:.2f} CPU-hours in total, best "
+          f"validation metric {trainer.best_metric:.4f}; checkpoints and curves in {args.output}")
     return 0

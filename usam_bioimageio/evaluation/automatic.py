@@ -129,10 +129,12 @@ def evaluate_automatic(
     grid: Optional[Mapping[str, Sequence[Any]]] = None,
     progress: bool = False,
     embed: Optional[Callable[[np.ndarray], Any]] = None,
+    amg_base=None,
 ) -> Dict[str, Any]:
     """Grid search on ``val_pairs`` then scores on ``test_pairs`` for ``mode`` "ais" or "amg":
     ``{"best": combination, "val_table": [...], "test": mean scores, "test_per_image": [...]}``.
-    ``embed``: image -> embeddings (default ``compute_embeddings(model, image)``; e.g. a cache shared by modes)."""
+    ``embed``: image -> embeddings (default ``compute_embeddings(model, image)``; e.g. a cache shared by modes).
+    ``amg_base``: the AMG parameters the grid varies (default ``AmgParameters()``: 32 points per side)."""
     from usam_bioimageio.automatic.ais.decoder import ais_maps
     from usam_bioimageio.embeddings.compute import compute_embeddings
 
@@ -143,7 +145,8 @@ def evaluate_automatic(
     def prepare(image):
         emb = embed(image) if embed is not None else compute_embeddings(model, image)
         return ais_maps(model, image, embeddings=emb) if mode == "ais" else amg_candidates(model, image, grid,
-                                                                                             embeddings=emb)
+                                                                                             embeddings=emb,
+                                                                                             base=amg_base)
 
     segment = ais_segment if mode == "ais" else amg_segment
     from tqdm import tqdm

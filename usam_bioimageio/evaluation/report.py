@@ -17,7 +17,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 from usam_bioimageio.io.datasets import Pair
 
@@ -145,7 +145,7 @@ def _write_files(results: Dict[str, Any], out_dir: Path, *, title: str, command:
             lines.append(_row(f"{name}; val-chosen {best}", results[mode]["test"]))
     inter = results.get("interactive", {})
     for start, r in inter.items():
-        for k in (0, len(r["msa"]) - 1):
+        for k in sorted({0, len(r["msa"]) - 1}):
             label = "start" if k == 0 else f"after {k} corrections"
             lines.append(_row(f"interactive from a {start}, {label}",
                               {"msa": r["msa"][k], "sa50": r["sa50"][k], "sa75": r["sa75"][k]}))
@@ -174,3 +174,60 @@ def _write_files(results: Dict[str, Any], out_dir: Path, *, title: str, command:
     lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} by `usam evaluate`."]
     (out_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# -- the demo model's benchmark (issue 13): the summary keys, the filled-box baseline, the bars -------------------
+
+def filled_box_labels(ground_truth):
+    """The "filled box" baseline: each ground-truth object's bounding box used as its mask, composed into a label
+    image as box-prompted masks are (``evaluation.interactive``: larger masks first, smaller ones on top). A
+    box-prompted model is worth its prompts only above this."""
+    import numpy as np
+
+    from usam_bioimageio.evaluation.interactive import _label_image
+    from usam_bioimageio.prompting import iterative as ip
+
+    gt = np.asarray(ground_truth)
+    ids = np.unique(gt)
+    ids = ids[ids != 0]
+    masks = np.zeros((len(ids),) + gt.shape, bool)
+    for m, (x0, y0, x1, y1) in zip(masks, ip.bounding_boxes(ip.object_masks(gt, ids))):
+        m[y0:y1, x0:x1] = True
+    return _label_image(masks, gt.shape)
+
+
+def summary(results: Dict[str, Any]) -> Dict[str, Any]:
+    """The flat keys of issue 13 from :func:`run_evaluation`'s results (+ ``results["filled_box"]``): mSA on the
+    same test images with the same scoring code."""
+    out: Dict[str, Any] = {"n_images": results["n_test"]}
+    if "ais" in results:
+        out["ais_msa"] = results["ais"]["test"]["msa"]
+    if "amg" in results:
+        out["amg_msa"] = results["amg"]["test"]["msa"]
+    inter = results.get("interactive", {})
+    if "box" in inter:
+        out["box_msa"] = inter["box"]["msa"][0]
+    if "point" in inter:
+        out["point_msa_0"] = inter["point"]["msa"][0]
+        if len(inter["point"]["msa"]) > 7:
+            out["point_msa_7"] = inter["point"]["msa"][7]
+    if "baseline" in results:
+        out["otsu_msa"] = results["baseline"]["msa"]
+    if "filled_box" in results:
+        out["filled_box_msa"] = results["filled_box"]["msa"]
+    return out
+
+
+BARS = (("AIS mSA > Otsu mSA", "ais_msa", "otsu_msa"),
+        ("box mSA > filled-box mSA", "box_msa", "filled_box_msa"),
+        ("box mSA > Otsu mSA", "box_msa", "otsu_msa"),
+        ("a point after 7 corrections > a lone point", "point_msa_7", "point_msa_0"))
+
+
+def bars(flat: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Each bar of issue 13: its name, the two numbers and whether it is met (None when a number is missing)."""
+    rows = []
+    for name, a, b in BARS:
+        met = (flat[a] > flat[b]) if a in flat and b in flat else None
+        rows.append({"bar": name, "value": flat.get(a), "reference": flat.get(b), "met": met})
+    return rows

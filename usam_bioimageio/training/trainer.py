@@ -67,6 +67,7 @@ __all__ = ["TrainConfig", "Trainer", "dice_loss", "distance_loss", "read_pairs",
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model_type: str = "vit_b"
+    image_size: int = registry.IMAGE_SIZE  # the encoder's input side (registry.IMAGE_SIZES)
     n_iterations: int = 8  # µSAM train_sam's n_sub_iteration
     n_objects: int = 25  # µSAM's n_objects_per_batch
     batch_size: int = 1
@@ -127,13 +128,14 @@ class _Sample:
     targets: Optional[torch.Tensor] = None  # (1, 3, H, W) AIS decoder targets, when it is trained
 
 
-def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, device, ais_min_size: Optional[int] = None) -> _Sample:
+def _to_tensor_sample(image: np.ndarray, labels: np.ndarray, device, ais_min_size: Optional[int] = None,
+                      image_size: int = registry.IMAGE_SIZE) -> _Sample:
     labels = np.asarray(labels)
     rgb = to_rgb(np.asarray(image))
     if rgb.shape[:2] != labels.shape:
         raise ValueError(f"image {rgb.shape[:2]} and labels {labels.shape} differ in size")
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(torch.float32)[None]
-    input_size = longest_side_shape(*labels.shape)
+    input_size = longest_side_shape(*labels.shape, image_size)
     targets = None
     if ais_min_size is not None:
         targets = torch.from_numpy(distance_targets(labels, min_size=ais_min_size))[None].to(device)
@@ -170,9 +172,12 @@ class Trainer:
                              "encoder is trained (it would no longer match the encoder)")
         self.carried_decoder_state = carried_decoder_state
         min_size = config.ais_min_size if self.ais_decoder is not None else None
-        self.train_samples = [_to_tensor_sample(i, l, self.device, min_size)
+        if sam.image_encoder.img_size != config.image_size:
+            raise ValueError(f"the model takes {sam.image_encoder.img_size} x {sam.image_encoder.img_size} inputs, "
+                             f"config.image_size is {config.image_size}")
+        self.train_samples = [_to_tensor_sample(i, l, self.device, min_size, config.image_size)
                               for i, l in train_data]
-        self.val_samples = [_to_tensor_sample(i, l, self.device, min_size)
+        self.val_samples = [_to_tensor_sample(i, l, self.device, min_size, config.image_size)
                             for i, l in val_data]
         if not self.train_samples:
             raise ValueError("no training images")
@@ -191,7 +196,7 @@ class Trainer:
     def _embedding(self, sample: _Sample) -> torch.Tensor:
         if sample.embedding is not None:
             return sample.embedding
-        x = SamPreprocess()(sample.image).to(self.device)
+        x = SamPreprocess(self.config.image_size)(sample.image).to(self.device)
         if not self.config.freeze_encoder:
             return self.sam.image_encoder(x)
         encoder, training = self.sam.image_encoder, self.sam.image_encoder.training
@@ -319,7 +324,7 @@ class Trainer:
         rng = rng if rng is not None else self.rng
         blocks, targets = [], []
         for emb, s in zip(embeddings, samples):
-            patch = registry.IMAGE_SIZE // emb.shape[-1]  # frame pixels per embedding cell
+            patch = self.config.image_size // emb.shape[-1]  # frame pixels per embedding cell
             cells = [-(-n // patch) for n in s.input_size]  # cells the image covers
             fg = torch.nonzero(s.targets[0, 0] > 0)
             if len(fg):
@@ -330,7 +335,7 @@ class Trainer:
                 y0, x0 = (int(rng.integers(0, max(0, c - crop) + 1)) for c in cells)
             blocks.append(emb[..., y0:y0 + crop, x0:x0 + crop])
             frame = F.pad(F.interpolate(s.targets, s.input_size, mode="bilinear", align_corners=False),
-                          (0, registry.IMAGE_SIZE - s.input_size[1], 0, registry.IMAGE_SIZE - s.input_size[0]))
+                          (0, self.config.image_size - s.input_size[1], 0, self.config.image_size - s.input_size[0]))
             targets.append(frame[..., y0 * patch:(y0 + crop) * patch, x0 * patch:(x0 + crop) * patch])
         maps = self.ais_decoder(torch.cat(blocks))
         return torch.stack([distance_loss(maps[k:k + 1], t) for k, t in enumerate(targets)]).mean()
@@ -430,7 +435,7 @@ class Trainer:
                      f"{time.time() - t0:.1f}s")
             if checkpoint_dir is not None:
                 extra = {"epoch": epoch, "iteration": self.iteration, "best_metric": self.best_metric,
-                         "current_metric": metric, "model_type": cfg.model_type}
+                         "current_metric": metric, "model_type": cfg.model_type, "image_size": cfg.image_size}
                 state = self.sam.state_dict()
                 decoder = self.ais_decoder.state_dict() if self.ais_decoder is not None else self.carried_decoder_state
                 save_training_checkpoint(Path(checkpoint_dir) / "latest.pt", sam_state=state, decoder_state=decoder, **extra)
@@ -455,7 +460,7 @@ def train(train_data: Sequence[Tuple[np.ndarray, np.ndarray]], val_data: Sequenc
     if sam is None:
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global torch RNG untouched
             torch.manual_seed(config.seed)
-            sam = build_sam(config.model_type)
+            sam = build_sam(config.model_type, image_size=config.image_size)
         if initial_weights is not None:
             # the one checkpoint loader (as usam export): files, URLs, registry names, compact int8 files
             checkpoint = load_checkpoint(initial_weights, model_type=config.model_type)

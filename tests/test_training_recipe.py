@@ -1,0 +1,130 @@
+"""The staged training recipe (usam_bioimageio.training.recipe, issue 13): the class-balanced loss, exact
+resumption, and the input size carried by the checkpoints of `usam train --image-size`."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from usam_bioimageio.training.checkpoints import load_checkpoint
+from usam_bioimageio.training.recipe import RecipeConfig, RecipeTrainer, augment, balanced_bce, random_crop
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018"
+needs_data = pytest.mark.skipif(not (DATA / "splits.json").exists(), reason="../shared/data/dsb2018 missing")
+
+
+def _numpy_balanced_bce(logits: np.ndarray, target: np.ndarray) -> float:
+    """Independent: BCE written out pixel by pixel in float64, means over the two classes by boolean indexing."""
+    z = logits.astype(np.float64).ravel()
+    t = target.astype(bool).ravel()
+    p = 1.0 / (1.0 + np.exp(-z))
+    bce = np.where(t, -np.log(p), -np.log(1.0 - p))
+    return (bce[t].mean() if t.any() else 0.0) + (bce[~t].mean() if (~t).any() else 0.0)
+
+
+def test_balanced_bce_equals_an_independent_computation():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (4, 3, 17, 13)).astype(np.float32)
+    target = np.zeros((4, 3, 17, 13), np.float32)
+    target[0, :, 2:5, 3:9] = 1  # a small object
+    target[1] = rng.random((3, 17, 13)) < 0.5
+    target[2] = 1  # no background
+    # target[3]: no object
+    got = balanced_bce(torch.from_numpy(logits), torch.from_numpy(target)).numpy()
+    assert got.shape == (4, 3)
+    want = np.array([[_numpy_balanced_bce(logits[i, j], target[i, j]) for j in range(3)] for i in range(4)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # a small object weighs as much as the background: predicting background everywhere is not cheap
+    background = torch.full((1, 17, 13), -8.0)
+    assert float(balanced_bce(background, torch.from_numpy(target[0, :1]))) > 7.0
+
+
+def test_crops_keep_native_scale_and_augmentation_keeps_pairs():
+    rng = np.random.default_rng(0)
+    image = np.arange(300 * 200 * 3, dtype=np.uint32).reshape(300, 200, 3)
+    labels = (image[..., 0] // 3 + 1).astype(np.int64)  # labels identify each pixel's value
+    img, lab = augment(image, labels, rng)
+    assert np.array_equal(img[..., 0] // 3 + 1, lab)
+    crop, crop_labels, valid = random_crop(img, lab, 256, rng)
+    assert valid == crop_labels.shape == crop.shape[:2] and max(valid) == 256 and min(valid) == 200
+    assert np.array_equal(crop[..., 0] // 3 + 1, crop_labels)  # a window, not a resize
+
+
+def _pairs(n=2):
+    from usam_bioimageio.io.datasets import read_split
+
+    return read_split(DATA, "train", n)
+
+
+def _state(trainer):
+    state = {f"sam.{k}": v for k, v in trainer.sam.state_dict().items()}
+    if trainer.ais_decoder is not None:
+        state.update({f"decoder.{k}": v for k, v in trainer.ais_decoder.state_dict().items()})
+    return state
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@needs_data
+@pytest.mark.parametrize("stage", ["ais", "prompts"])
+def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
+    """Stage ais trains the encoder and the AIS decoder, stage prompts the prompt decoder (with validation)."""
+    torch.set_num_threads(1)  # the same thread count in both runs
+    pairs = _pairs(2)
+    val = pairs[:1] if stage == "prompts" else ()
+    kw = dict(stage=stage, model_type="vit_t", image_size=256, seed=5, checkpoint_every=2, val_every=2, warmup=2,
+              lr=1e-3, ais_crop=2, n_objects=3, n_iterations=2, val_objects=2)
+    full = RecipeTrainer(pairs, val, RecipeConfig(steps=3, **kw), log=None).fit(tmp_path / "full", progress=False)
+    # interrupted after the checkpoint at step 2 (a run of 2 steps writes the same latest.pt), then continued
+    RecipeTrainer(pairs, val, RecipeConfig(steps=2, **kw), log=None).fit(tmp_path / "part", progress=False)
+    torch.manual_seed(1234), np.random.seed(1234)  # a resumed process starts from other global random states
+    resumed = RecipeTrainer(pairs, val, RecipeConfig(steps=3, **kw), log=None)
+    resumed.resume(tmp_path / "part" / "latest.pt")
+    assert resumed.step == 2
+    resumed.fit(tmp_path / "part", progress=False)
+    _assert_same(_state(full), _state(resumed))
+    _assert_same(full.optimizer.state_dict()["state"][0], resumed.optimizer.state_dict()["state"][0])
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in rows]  # noqa: E731
+    assert drop(full.validation) == drop(resumed.validation)
+    names = ("history.csv", "curves.png", "latest.pt") + (("validation.csv", "best.pt") if val else ())
+    for name in names:
+        assert (tmp_path / "part" / name).is_file()
+    rows = list(csv.DictReader(open(tmp_path / "part" / "history.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and all(math.isfinite(float(r["loss"])) for r in rows)
+
+
+@needs_data
+def test_usam_train_image_size_256_writes_a_256_checkpoint(tmp_path):
+    from usam_bioimageio.cli.train import train_main
+
+    out = tmp_path / "run"
+    train_main(["--data", str(DATA), "--val-limit", "1", "--output", str(out), "--model-type", "vit_t",
+                "--image-size", "256", "--stage", "prompts", "--steps", "1", "--n-objects", "2", "--n-iterations",
+                "1", "--threads", "1", "--no-progress", "--train-split", "val"])
+    ckpt = load_checkpoint(out / "latest.pt")
+    assert ckpt.image_size == 256 and ckpt.model_type == "vit_t"
+    assert ckpt.has_decoder  # the (untrained) AIS decoder is carried along, so the exporter writes AIS packages
+
+
+@needs_data
+def test_usam_train_without_stage_at_256_writes_a_256_checkpoint(tmp_path):
+    """µSAM's finetuning (no --stage) at input size 256: built, trained and saved at 256."""
+    from usam_bioimageio.cli.train import train_main
+
+    out = tmp_path / "run"
+    train_main(["--data", str(DATA), "--train-split", "val", "--val-limit", "1", "--output", str(out),
+                "--model-type", "vit_t", "--image-size", "256", "--epochs", "1", "--steps-per-epoch", "1",
+                "--n-objects", "2", "--n-iterations", "1", "--ais-crop", "4", "--mask-bce", "1"])
+    for name in ("latest.pt", "best.pt"):
+        ckpt = load_checkpoint(out / name)
+        assert ckpt.image_size == 256 and ckpt.has_decoder
