@@ -117,6 +117,17 @@ def _check_embeddings(embeddings, n_frames: Optional[int] = None) -> None:
         raise InputError(f"the time series has {len(embeddings)} frame: tracking needs at least 2")
 
 
+def _check_series(embeddings: StackEmbeddings, segmentation, what: str) -> np.ndarray:
+    """``segmentation`` as an array of the embedded time series' shape (T, H, W); ``what`` names its content."""
+    seg = np.asarray(segmentation)
+    expected = (len(embeddings),) + tuple(embeddings.image_shape)
+    if seg.ndim != 3:
+        raise InputError(f"segmentation must be a time series (T, H, W){what}, got shape {seg.shape}")
+    if seg.shape != expected:
+        raise InputError(f"segmentation of shape {seg.shape} does not match the embedded time series {expected}")
+    return seg
+
+
 def _check_settings(projection: str, iou_threshold: float, motion_smoothing: float) -> dict:
     flags = projection_prompts(projection)
     for name, value in (("iou_threshold", iou_threshold), ("motion_smoothing", motion_smoothing)):
@@ -170,13 +181,8 @@ def track_object(
     """
     _check_embeddings(embeddings)
     flags = _check_settings(projection, iou_threshold, motion_smoothing)
-    seg = np.asarray(segmentation)
+    seg = _check_series(embeddings, segmentation, "")
     n = len(embeddings)
-    expected = (n,) + tuple(embeddings.image_shape)
-    if seg.ndim != 3:
-        raise InputError(f"segmentation must be a time series (T, H, W), got shape {seg.shape}")
-    if seg.shape != expected:
-        raise InputError(f"segmentation of shape {seg.shape} does not match the embedded time series {expected}")
     annotated = _frames(segmented_frames, n, "segmented_frames")
     masks = seg == 1
     empty = [t for t in annotated if not masks[t].any()]
@@ -307,13 +313,8 @@ def track_from_prompts(
     """
     _check_embeddings(embeddings)
     _check_settings(projection, iou_threshold, motion_smoothing)
-    seg = np.asarray(segmentation)
+    seg = _check_series(embeddings, segmentation, " of track labels")
     n = len(embeddings)
-    expected = (n,) + tuple(embeddings.image_shape)
-    if seg.ndim != 3:
-        raise InputError(f"segmentation must be a time series (T, H, W) of track labels, got shape {seg.shape}")
-    if seg.shape != expected:
-        raise InputError(f"segmentation of shape {seg.shape} does not match the embedded time series {expected}")
     if not (np.issubdtype(seg.dtype, np.integer) or seg.dtype == bool):
         raise InputError(f"segmentation must hold integer track labels, got {seg.dtype}")
     if seg.size and (seg.min() < 0 or seg.max() > np.iinfo(np.uint16).max):
