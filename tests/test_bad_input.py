@@ -157,10 +157,11 @@ def npz_for(ws: Workspace, image: np.ndarray, name: str = "e.npz", **overrides) 
 
 
 class _Identity:
-    """What make_signature needs of a model: the encoder identity."""
+    """What make_signature needs of a model: the encoder identity and SAM's input size."""
 
-    def __init__(self, identity: str):
+    def __init__(self, identity: str, image_size: int = 1024):
         self.encoder_identity = identity
+        self.image_size = image_size
 
 
 def write_cache(path: Path, image: np.ndarray, identity: str = "x" * 64, stack: bool = False,
