@@ -6,7 +6,7 @@ plus mobilesam-mirror for vit_t), e.g. ``scripts/regenerate_ais_reference.sh`` (
 
 For every case: a seeded random vit_t SAM (``usam_bioimageio.modeling.seeded_sam``) and a seeded random AIS
 decoder state (``usam_bioimageio.modeling.unetr.seeded_ais_decoder_state``; both drawn from a
-``torch.Generator``, identical in any process with the same torch version) are saved as a µSAM checkpoint
+``SeededDraws``, numpy draws: the same bits on every machine) are saved as a µSAM checkpoint
 ``{"model_state", "decoder_state"}`` and loaded by µSAM itself: ``micro_sam.instance_segmentation
 .get_predictor_and_decoder`` (mobile_sam's SAM, torch_em's UNETR) and ``InstanceSegmentationWithDecoder
 .initialize(image)``, whose foreground / centre distance / boundary distance maps are stored. Only the maps

@@ -37,7 +37,7 @@ DSB = ROOT.parent / "shared" / "data" / "dsb2018"
 TOLERANCE = 1e-4
 AIS_KINDS = ("ais", "ais_head")
 OPT_LEVELS = ("disabled", "basic", "extended", "all")  # ONNX Runtime's graph optimisation levels
-AIS_DECODER_SEED = 3  # the tests' seeded UNETR decoder (tests/conftest.py AIS_TEST_DECODER_SEED)
+AIS_DECODER_SEED = 4  # the tests' seeded UNETR decoder (tests/conftest.py AIS_TEST_DECODER_SEED)
 
 
 def hosts_dir() -> Path:
@@ -61,6 +61,9 @@ RUNTIMES = {
     "core-newest": (("onnx", "torchscript"), lambda env: [str(env / "bin" / "python"), str(HERE / "run_core.py")]),
 }
 
+# --quick (CI): ONNX Runtime 1.16.3 and 1.20.1 sit between 1.15.1 and the newest with the same graph optimiser as
+# 1.15.1 (the float64 FusedMatMul failure measured on 1.15-1.25 shows on 1.15.1 too); the full check runs them
+QUICK_RUNTIMES = tuple(name for name in RUNTIMES if name not in ("ort-1.16.3", "ort-1.20.1"))
 
 # description parsers that only validate (the newest bioimageio.spec: bioimageio.core pins an older one)
 PARSERS = {"spec-newest": lambda env: [str(env / "bin" / "python"), str(HERE / "run_spec.py")]}
@@ -240,8 +243,10 @@ def version_of(name: str) -> str:
         "ort": "import onnxruntime as m; print(m.__version__)",
         "torch": "import torch as m; print(m.__version__)",
         "spec": "import bioimageio.spec as m; print(m.__version__)",
-        "core": "import bioimageio.core as m, bioimageio.spec as s, onnxruntime as o, torch as t; "
-                "print(m.__version__, 'spec', s.__version__, 'onnxruntime', o.__version__, 'torch', t.__version__)",
+        "core": "import importlib.util as u, bioimageio.core as m, bioimageio.spec as s, onnxruntime as o; "
+                "t = u.find_spec('torch') and __import__('torch'); "
+                "print(m.__version__, 'spec', s.__version__, 'onnxruntime', o.__version__, 'torch', "
+                "t.__version__ if t else 'none (--quick)')",
     }
     if name == "ort-1.13.1":
         pkg = env_dir / "node_modules" / "onnxruntime-node" / "package.json"
@@ -266,7 +271,8 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", type=Path, help="a family folder (default: export a seeded vit_t family)")
-    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
+    parser.add_argument("--runtimes", nargs="+", choices=list(RUNTIMES),
+                        help="default: all (with --quick: the QUICK_RUNTIMES)")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "hosts.json")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--jobs", type=int, default=2, help="runtimes checked side by side (default 2)")
@@ -274,6 +280,7 @@ def main(argv=None) -> int:
                         help="CI: bioimageio.core predicts the ONNX weights only, and runs test_model in "
                              f"{GATE_RUNTIME} only; the export without pytorch_state_dict weights")
     args = parser.parse_args(argv)
+    args.runtimes = args.runtimes or list(QUICK_RUNTIMES if args.quick else RUNTIMES)
     with tempfile.TemporaryDirectory(prefix="usam-hosts-") as tmp:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)

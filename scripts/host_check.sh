@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/host_envs.sh
+quick=()
+for a in "$@"; do [ "$a" = --quick ] && quick=(--quick); done
+bash scripts/host_envs.sh "${quick[@]}"
 exec .venv/bin/python scripts/host_check.py "$@"

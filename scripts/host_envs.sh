@@ -3,8 +3,14 @@
 # environment without this project: python venvs per ONNX Runtime / bioimageio.core release, Debian's
 # torch 1.13, and ONNX Runtime 1.13.1 native through npm's onnxruntime-node (deepImageJ's release).
 # Environments are cached under $USAM_HOSTS_DIR (default ~/.cache/usam-bioimageio/hosts) and reused
-# while their requirements are unchanged. Usage: host_envs.sh [NAME ...]  (default: all)
+# while their requirements are unchanged. Environments install side by side (pip and npm wait on downloads and
+# disk as much as on the CPU); each one's output goes to $HOSTS_DIR/NAME.log, shown when it fails.
+# Usage: host_envs.sh [--quick] [NAME ...]  (default: all)
+#   --quick: the profile of CI's check (host_check.py --quick), where bioimageio.core runs only the ONNX
+#            weights: its environments without torch (each torch install costs ~40 s and 1 GB)
 set -euo pipefail
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
 HOSTS_DIR=${USAM_HOSTS_DIR:-$HOME/.cache/usam-bioimageio/hosts}
 PY=${PYTHON:-python3}
 mkdir -p "$HOSTS_DIR"
@@ -22,6 +28,11 @@ declare -A PIP_ENVS=(
   # the newest bioimageio.spec alone (bioimageio.core pins an older one): descriptions only
   [spec-newest]="bioimageio.spec pydantic<2.14"
 )
+if [ "$QUICK" = 1 ]; then  # host_check.py's QUICK_RUNTIMES
+  QUICK_SKIP=" ort-1.16.3 ort-1.20.1 "
+  PIP_ENVS[core-0.10.4]="bioimageio.core==0.10.4 pydantic<2.14 onnxruntime"
+  PIP_ENVS[core-newest]="bioimageio.core bioimageio.spec pydantic<2.14 onnxruntime"
+fi
 ALL=(ort-1.13.1 ort-1.15.1 ort-1.16.3 ort-1.20.1 ort-newest torch-1.13 torch-pinned core-0.10.4 core-newest
      spec-newest)
 
@@ -63,13 +74,27 @@ install_debian_torch() {  # torch 1.13 as Debian ships it, with Debian's python 
 }
 
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=("${ALL[@]}")
+if [ ${#names[@]} -eq 0 ]; then
+  for name in "${ALL[@]}"; do [[ "${QUICK_SKIP:- }" == *" $name "* ]] || names+=("$name"); done
+fi
+pids=()
 for name in "${names[@]}"; do
   case $name in
-    ort-1.13.1) install_ort_node ;;
-    torch-1.13) install_debian_torch ;;
+    ort-1.13.1) install=install_ort_node ;;
+    torch-1.13) install=install_debian_torch ;;
     *)
       [ -n "${PIP_ENVS[$name]+x}" ] || { echo "host_envs: unknown environment $name" >&2; exit 2; }
-      install_pip "$name" ;;
+      install="install_pip $name" ;;
   esac
+  $install > "$HOSTS_DIR/$name.log" 2>&1 &
+  pids+=($!)
 done
+failed=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    failed=1
+    echo "host_envs: ${names[$i]} could not be installed:" >&2
+    tail -n 20 "$HOSTS_DIR/${names[$i]}.log" >&2
+  fi
+done
+exit $failed

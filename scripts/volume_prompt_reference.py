@@ -62,7 +62,7 @@ FROM_MASK_CASES = {
 # 0 never; masks often vanish between annotated slices (then µSAM decodes without point or box prompts).
 VOLUME_CASES = {
     "middle": ([3], 0.5, False, False, 0.0, PROJECTIONS),
-    "middle_low": ([3], 0.1, False, False, 0.05, ("box", "mask")),  # box: stops above, runs to 0 below
+    "middle_low": ([3], 0.1, False, False, 0.05, ("box", "mask")),  # a low threshold, with a box extension
     "middle_no_stop": ([3], 0.0, False, False, 0.05, PROJECTIONS),
     "three": ([1, 3, 6], 0.5, False, False, 0.0, PROJECTIONS),  # gaps of 2 (one slice) and 3 (odd)
     "even_gap": ([1, 5], 0.5, False, False, 0.0, PROJECTIONS),  # the middle slice from its two neighbours

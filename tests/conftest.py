@@ -11,6 +11,30 @@ import pytest  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DSB = DATA / "dsb2018"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOST_ENVS = pytest.StashKey()
+
+
+def _start_host_envs() -> "subprocess.Popen":
+    import subprocess
+
+    return subprocess.Popen(["bash", str(ROOT / "scripts" / "host_envs.sh"), "--quick"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The host check's environments (pip / npm / apt: mostly downloads and unpacking) install in the background
+    from the start of the run, beside the CPU-bound tests, when a `hosts` test is selected; test_hosts waits."""
+    if any(item.get_closest_marker("hosts") for item in items):
+        config.stash[HOST_ENVS] = _start_host_envs()
+
+
+def host_envs_installed(config) -> None:
+    """Wait for the background install (started above, or now) and fail with its errors."""
+    proc = config.stash.get(HOST_ENVS, None) or _start_host_envs()
+    config.stash[HOST_ENVS] = proc
+    _, err = proc.communicate()
+    assert proc.returncode == 0, f"host environments could not be installed:\n{(err or '')[-3000:]}"
 
 
 def dsb_test_ids():

@@ -2,14 +2,14 @@
 properties of the written packages that hosts rely on (portable rdf.yaml, no machine paths, fixed ONNX shapes,
 declared dependencies).
 
-The check installs its environments with scripts/host_envs.sh (cached between runs under
-~/.cache/usam-bioimageio/hosts); a runtime that cannot be installed fails here, it is never skipped.
+The check installs its environments with scripts/host_envs.sh --quick, in the background from the start of the run
+(conftest), cached between runs under ~/.cache/usam-bioimageio/hosts; a runtime that cannot be installed fails
+here, it is never skipped.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 import host_check  # scripts/ is on the path (conftest)
+from conftest import host_envs_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,10 +26,9 @@ KINDS = ("image_encoder", "prompt_decoder", "ais", "ais_head")
 
 
 @pytest.fixture(scope="module")
-def host_report(tmp_path_factory, vit_t_host_family):
+def host_report(request, tmp_path_factory, vit_t_host_family):
     """The quick host check (CI profile) on the exported vit_t family with an AIS decoder."""
-    install = subprocess.run(["bash", str(ROOT / "scripts" / "host_envs.sh")], capture_output=True, text=True)
-    assert install.returncode == 0, f"host environments could not be installed:\n{install.stderr[-3000:]}"
+    host_envs_installed(request.config)  # installing since the start of the run (conftest)
     work = tmp_path_factory.mktemp("hosts")
     report_file = work / "hosts.json"
     host_check.main(["--quick", "--family", str(vit_t_host_family), "--work", str(work), "--report", str(report_file)])
@@ -36,7 +36,7 @@ def host_report(tmp_path_factory, vit_t_host_family):
 
 
 @pytest.mark.hosts
-@pytest.mark.parametrize("runtime", list(host_check.RUNTIMES))
+@pytest.mark.parametrize("runtime", list(host_check.QUICK_RUNTIMES))
 @pytest.mark.parametrize("kind", KINDS)
 def test_package_runs_in_host(host_report, runtime, kind):
     result = host_report["runtimes"][runtime][kind]

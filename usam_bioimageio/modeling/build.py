@@ -16,6 +16,7 @@ from usam_bioimageio.modeling.image_encoder import ImageEncoderViT
 from usam_bioimageio.modeling.mask_decoder import MaskDecoder
 from usam_bioimageio.modeling.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
 from usam_bioimageio.modeling.sam import Sam
+from usam_bioimageio.modeling.seeding import SeededDraws
 from usam_bioimageio.modeling.tiny_vit import Attention as TinyViTAttention
 from usam_bioimageio.modeling.tiny_vit import TinyViT
 from usam_bioimageio.modeling.transformer import TwoWayTransformer
@@ -119,15 +120,13 @@ def seeded_sam(model_type: str, *, seed: int = 0, image_size: int = registry.IMA
     A test model, not a trained one: parameters that SAM initialises to constants (position embeddings,
     relative position tables, TinyViT attention biases, norm weights and biases, BatchNorm statistics) get
     small random values too, so that every code path contributes to the outputs. Weights are drawn with
-    variance 1 / fan_in so activations stay O(1). Deterministic for a given seed; returned in eval mode.
+    variance 1 / fan_in so activations stay O(1). The same bits for a given seed on every machine
+    (:class:`~usam_bioimageio.modeling.seeding.SeededDraws`); returned in eval mode.
     """
     with torch.random.fork_rng(devices=[]):  # build_sam's default init must not move the global RNG
         sam = build_sam(model_type, image_size=image_size)
-    gen = torch.Generator().manual_seed(seed)
-
-    def normal(t: torch.Tensor, std: float = 1.0, mean: float = 0.0) -> None:
-        t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * std + mean)
-
+    draws = SeededDraws(seed)
+    normal = draws.normal_
     seeded = set()
     for module in sam.modules():
         handled = True
@@ -140,8 +139,7 @@ def seeded_sam(model_type: str, *, seed: int = 0, image_size: int = registry.IMA
             normal(module.bias, _ADDITIVE_STD)
             if isinstance(module, nn.BatchNorm2d):
                 normal(module.running_mean, _ADDITIVE_STD)
-                # positive, around 1
-                module.running_var.copy_(torch.exp(torch.randn(module.running_var.shape, generator=gen) * 0.2))
+                draws.lognormal_(module.running_var, 0.2)  # positive, around 1
         elif isinstance(module, nn.Embedding):
             normal(module.weight)  # as nn.Embedding's own init: N(0, 1)
         elif isinstance(module, ImageEncoderViT):

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from usam_bioimageio import registry
 from usam_bioimageio.modeling.preprocess import longest_side_shape
+from usam_bioimageio.modeling.seeding import SeededDraws
 
 __all__ = [
     "AIS_OUT_CHANNELS",
@@ -309,22 +310,18 @@ def _fan_in(module: nn.Module) -> int:
 @torch.no_grad()
 def seeded_ais_decoder_state(model_type: str = "vit_b", seed: int = 0, *,
                              use_conv_transpose: bool = False) -> Dict[str, Tensor]:
-    """A test ``decoder_state`` drawn from ``torch.Generator().manual_seed(seed)``, deterministic.
+    """A test ``decoder_state`` drawn from ``SeededDraws(seed)``: the same bits on every machine.
 
     Convolutions feeding a ReLU get He-scaled weights (variance 2 / fan_in), the output convolution
     variance 1 / fan_in, so that the logits have a standard deviation near 1 and the sigmoid maps spread
     over (0, 1) (a few pixels saturate where the features peak, e.g. at the padding's edge); biases and
     BatchNorm statistics get small random values. The draw order is the module order of
-    :class:`AisDecoder` (the state dict's order), so the same seed gives the same weights in any process
-    with the same torch version.
+    :class:`AisDecoder` (the state dict's order).
     """
     with torch.random.fork_rng(devices=[]):
         decoder = build_ais_decoder(model_type, use_conv_transpose=use_conv_transpose)
-    gen = torch.Generator().manual_seed(seed)
-
-    def normal(t: Tensor, std: float, mean: float = 0.0) -> None:
-        t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * std + mean)
-
+    draws = SeededDraws(seed)
+    normal = draws.normal_
     for name, module in decoder.named_modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             gain = 1.0 if name == "out_conv" else 2.0
@@ -334,7 +331,7 @@ def seeded_ais_decoder_state(model_type: str = "vit_b", seed: int = 0, *,
             normal(module.weight, _NORM_WEIGHT_STD, 1.0)
             normal(module.bias, _ADDITIVE_STD)
             normal(module.running_mean, _ADDITIVE_STD)
-            module.running_var.copy_(torch.exp(torch.randn(module.running_var.shape, generator=gen) * 0.2))
+            draws.lognormal_(module.running_var, 0.2)
     return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
 
 
