@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from usam_bioimageio.training.checkpoints import load_checkpoint
-from usam_bioimageio.training.recipe import RecipeConfig, RecipeTrainer, augment, balanced_bce, random_crop
+from conftest import DSB as DATA
+from usam_bioimageio.training.recipe import (RecipeConfig, RecipeTrainer, augment, balanced_bce, random_crop,
+                                             runtime_frame)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018"
-needs_data = pytest.mark.skipif(not (DATA / "splits.json").exists(), reason="../shared/data/dsb2018 missing")
+# the real data must be there: conftest's data_dir fails the run without it (never a silent skip)
+needs_data = pytest.mark.usefixtures("data_dir")
 
 
 def _numpy_balanced_bce(logits: np.ndarray, target: np.ndarray) -> float:
@@ -74,15 +76,38 @@ def _assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_runtime_frame_is_the_encoders_input_and_labels_follow():
+    """Training samples in the runtime's frame: the pixels SamPreprocess (the encoder package's preprocessing)
+    gives, and the labels resized to the same longest-side shape by nearest neighbour."""
+    from usam_bioimageio.embeddings.compute import image_to_input
+    from usam_bioimageio.modeling.preprocess import SamPreprocess
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 4000, (300, 170), dtype=np.uint16)
+    labels = np.zeros((300, 170), np.int64)
+    labels[20:120, 10:60], labels[200:290, 100:160] = 3, 7
+    x, lab = runtime_frame(image, labels, 256)
+    assert x.shape == (256, 145, 3) and lab.shape == (256, 145) and x.dtype == np.float32
+    expected = SamPreprocess(256)(torch.from_numpy(image_to_input(image, 256)))[0].numpy()
+    assert np.array_equal(x.transpose(2, 0, 1), expected[:, :256, :145])
+    assert np.all(expected[:, :, 145:] == 0)  # the padding the trainer adds back
+    assert set(np.unique(lab)) == {0, 3, 7}
+    ys, xs = np.nonzero(lab == 3)  # object 3 spans rows 20-119, cols 10-59 of 300 x 170: scale 256 / 300
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (17, 101, 9, 50)
+
+
 @needs_data
-@pytest.mark.parametrize("stage", ["ais", "prompts"])
+@pytest.mark.parametrize("stage", ["ais", "prompts", "ais_frames"])
 def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
-    """Stage ais trains the encoder and the AIS decoder, stage prompts the prompt decoder (with validation)."""
+    """Stage ais trains the encoder and the AIS decoder, stage prompts the prompt decoder (with validation);
+    ais_frames: half the samples in the runtime frame, best.pt chosen by the validation images' AIS mSA."""
     torch.set_num_threads(1)  # the same thread count in both runs
     pairs = _pairs(2)
-    val = pairs[:1] if stage == "prompts" else ()
-    kw = dict(stage=stage, model_type="vit_t", image_size=256, seed=5, checkpoint_every=2, val_every=2, warmup=2,
-              lr=1e-3, ais_crop=2, n_objects=3, n_iterations=2, val_objects=2)
+    val = pairs[:1] if stage != "ais" else ()
+    frames = stage == "ais_frames"
+    kw = dict(stage=stage.split("_")[0], model_type="vit_t", image_size=256, seed=5, checkpoint_every=2,
+              val_every=2, warmup=2, lr=1e-3, ais_crop=2, n_objects=3, n_iterations=2, val_objects=2,
+              frame_prob=0.5 if frames else 0.0, val_msa=frames)
     full = RecipeTrainer(pairs, val, RecipeConfig(steps=3, **kw), log=None).fit(tmp_path / "full", progress=False)
     # interrupted after the checkpoint at step 2 (a run of 2 steps writes the same latest.pt), then continued
     RecipeTrainer(pairs, val, RecipeConfig(steps=2, **kw), log=None).fit(tmp_path / "part", progress=False)
@@ -96,6 +121,8 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
     drop = lambda rows: [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in rows]  # noqa: E731
     assert drop(full.validation) == drop(resumed.validation)
+    if frames:
+        assert all(0.0 <= v["val_ais_msa"] <= 1.0 and v["metric"] == 1.0 - v["val_ais_msa"] for v in full.validation)
     names = ("history.csv", "curves.png", "latest.pt") + (("validation.csv", "best.pt") if val else ())
     for name in names:
         assert (tmp_path / "part" / name).is_file()

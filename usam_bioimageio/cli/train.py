@@ -94,6 +94,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     recipe.add_argument("--weight-decay", type=float, default=RecipeConfig.weight_decay)
     recipe.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     recipe.add_argument("--no-progress", action="store_true", help="no progress bar")
+    recipe.add_argument("--frame-prob", type=float, default=RecipeConfig.frame_prob,
+                        help="share of samples in the runtime's frame (the whole image resized to --image-size, as "
+                             "usam ais / segment see it untiled); the rest are native-resolution crops. Validation "
+                             "then runs in that frame too")
+    recipe.add_argument("--val-msa", action="store_true",
+                        help="stage ais: keep best.pt by the AIS mSA of the validation images (runtime frame) "
+                             "instead of the AIS loss on validation crops")
     parser.add_argument("--no-ais-decoder", action="store_true",
                         help="do not train µSAM's AIS (UNETR) decoder jointly (trained by default, as in µSAM)")
     parser.add_argument("--ais-min-size", type=int, default=None,
@@ -129,6 +136,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                               steps=args.steps, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
                               warmup=args.warmup, weight_decay=args.weight_decay, device=args.device,
                               ais_crop=args.ais_crop, train_encoder=args.train_encoder,
+                              frame_prob=args.frame_prob, val_msa=args.val_msa,
                               **({"ais_min_size": args.ais_min_size} if args.ais_min_size is not None else {}),
                               **given)
     else:

@@ -85,10 +85,18 @@ class RecipeConfig:
     box_distortion: Optional[float] = 0.025
     train_encoder: bool = False  # stage prompts: also train the image encoder
     val_objects: int = 16
+    # share of training samples in the runtime's frame (the whole image resized so that its longer side is
+    # image_size, as `usam ais` / `segment` see an image without tiling); the rest are native-resolution crops.
+    # With frame_prob > 0 validation runs in that frame too.
+    frame_prob: float = 0.0
+    val_msa: bool = False  # stage ais: select by the AIS mSA of the validation images (runtime frame, µSAM's
+    # post-processing, scored at the original size) instead of the AIS loss on validation crops
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if not 0.0 <= self.frame_prob <= 1.0:
+            raise ValueError(f"frame_prob must be in [0, 1], got {self.frame_prob}")
         registry.check_image_size(self.image_size)
 
 
@@ -157,12 +165,35 @@ class _Crop:
 def _to_crop(image_u8: np.ndarray, labels: np.ndarray, valid: Tuple[int, int], size: int) -> _Crop:
     mean = np.asarray(registry.PIXEL_MEAN, np.float32)
     std = np.asarray(registry.PIXEL_STD, np.float32)
+    return _padded((image_u8.astype(np.float32) - mean) / std, labels, size)
+
+
+def _padded(x: np.ndarray, labels: np.ndarray, size: int) -> _Crop:
+    """Normalised (h, w, 3) pixels and (h, w) labels, h, w <= size, placed top-left in a zero-padded frame."""
     h, w = labels.shape
-    x = np.zeros((size, size, 3), np.float32)
-    x[:h, :w] = (image_u8.astype(np.float32) - mean) / std
+    frame = np.zeros((size, size, 3), np.float32)
+    frame[:h, :w] = x
     lab = np.zeros((size, size), np.int64)
     lab[:h, :w] = labels
-    return _Crop(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None], lab, valid)
+    return _Crop(torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None], lab, (h, w))
+
+
+def runtime_frame(image: np.ndarray, labels: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """An image as the encoder sees it without tiling (µSAM's uint8 normalisation, SAM's Pillow-exact resize of
+    the longer side to ``size``, SAM's mean / std; ``modeling.preprocess.SamPreprocess``) without the padding:
+    (h', w', 3) float32, and its labels resized to (h', w') by nearest neighbour."""
+    from usam_bioimageio.embeddings.compute import image_to_input
+    from usam_bioimageio.modeling.preprocess import SamPreprocess
+    from usam_bioimageio.runtime.geometry import longest_side_shape
+
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    new_h, new_w = longest_side_shape(h, w, size)
+    with torch.no_grad():
+        x = SamPreprocess(size)(torch.from_numpy(image_to_input(image, size)))[0, :, :new_h, :new_w]
+    rows = np.minimum(((np.arange(new_h) + 0.5) * h / new_h).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(new_w) + 0.5) * w / new_w).astype(np.int64), w - 1)
+    return np.ascontiguousarray(x.numpy().transpose(1, 2, 0)), labels[rows][:, cols].astype(np.int64)
 
 
 def _rng_states() -> Dict:
@@ -236,8 +267,14 @@ class RecipeTrainer:
         self.train_images = [(_uint8_like_usam(i), np.asarray(l).astype(np.int64)) for i, l in train_data]
         if not self.train_images:
             raise ValueError("no training images")
-        self.val_crops = [_to_crop(*centre_crop(_uint8_like_usam(i), np.asarray(l).astype(np.int64), cfg.image_size),
-                                   cfg.image_size) for i, l in val_data]
+        frames = cfg.frame_prob > 0
+        self.train_frames = [runtime_frame(i, l, cfg.image_size) for i, l in train_data] if frames else None
+        if frames or cfg.val_msa:
+            self.val_crops = [_padded(*runtime_frame(i, l, cfg.image_size), cfg.image_size) for i, l in val_data]
+        else:
+            self.val_crops = [_to_crop(*centre_crop(_uint8_like_usam(i), np.asarray(l).astype(np.int64),
+                                                    cfg.image_size), cfg.image_size) for i, l in val_data]
+        self.val_labels = [np.asarray(l) for _, l in val_data]  # at the original size, for val_msa
         self.step = 0
         self.cpu_seconds = 0.0
         self.best_metric = math.inf
@@ -249,11 +286,15 @@ class RecipeTrainer:
         return np.random.default_rng((self.config.seed, _STAGE_ID[self.config.stage], step))
 
     def sample_crops(self, rng: np.random.Generator) -> List[_Crop]:
+        cfg = self.config
         crops = []
-        for _ in range(self.config.batch_size):
-            image, labels = self.train_images[int(rng.integers(len(self.train_images)))]
-            image, labels = augment(image, labels, rng)
-            crops.append(_to_crop(*random_crop(image, labels, self.config.image_size, rng), self.config.image_size))
+        for _ in range(cfg.batch_size):
+            index = int(rng.integers(len(self.train_images)))
+            if self.train_frames is not None and rng.random() < cfg.frame_prob:
+                crops.append(_padded(*augment(*self.train_frames[index], rng), cfg.image_size))
+                continue
+            image, labels = augment(*self.train_images[index], rng)
+            crops.append(_to_crop(*random_crop(image, labels, cfg.image_size, rng), cfg.image_size))
         return crops
 
     def _encode(self, x: torch.Tensor, train: bool) -> torch.Tensor:
@@ -389,6 +430,8 @@ class RecipeTrainer:
         out: Dict[str, float] = {"step": self.step}
         if self.ais_decoder is not None and self.train_encoder:  # else unchanged since stage ais
             out["val_ais_loss"] = float(np.mean([float(self.ais_loss([c], None, train=False)) for c in self.val_crops]))
+            if cfg.val_msa:
+                out["val_ais_msa"] = self.validation_ais_msa()
         if cfg.stage == "prompts":
             rng = np.random.default_rng((cfg.seed, 99))
             box_iou, point_iou = [], []
@@ -413,8 +456,25 @@ class RecipeTrainer:
             out["val_point_iou"] = float(np.mean(point_iou)) if point_iou else math.nan
             out["metric"] = 1.0 - out["val_box_iou"]
         else:
-            out["metric"] = out["val_ais_loss"]
+            out["metric"] = 1.0 - out["val_ais_msa"] if cfg.val_msa else out["val_ais_loss"]
         return out
+
+    @torch.no_grad()
+    def validation_ais_msa(self) -> float:
+        """Mean mSA of µSAM's AIS on the validation images: each in the runtime frame (``val_crops``), the whole
+        decoder, the maps resized to the original size, µSAM's default post-processing, scored against the
+        original labels."""
+        from usam_bioimageio.automatic.ais.postprocess import instances_from_maps
+        from usam_bioimageio.evaluation.metrics import segmentation_scores
+        from usam_bioimageio.modeling.unetr import maps_to_original
+
+        self.ais_decoder.eval()
+        scores = []
+        for crop, gt in zip(self.val_crops, self.val_labels):
+            maps = self.ais_decoder(self._encode(crop.x, False))
+            maps = maps_to_original(maps.cpu(), torch.zeros(gt.shape))[0].numpy()
+            scores.append(segmentation_scores(instances_from_maps(maps), gt)["msa"])
+        return float(np.mean(scores))
 
     # ------------------------------------------------------------------------------------------------------
     def state(self) -> Dict:
