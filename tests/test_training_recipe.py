@@ -155,3 +155,23 @@ def test_usam_train_without_stage_at_256_writes_a_256_checkpoint(tmp_path):
     for name in ("latest.pt", "best.pt"):
         ckpt = load_checkpoint(out / name)
         assert ckpt.image_size == 256 and ckpt.has_decoder
+
+
+@needs_data
+def test_batchnorm_recalibration_sets_the_mean_of_per_sample_statistics():
+    """The encoder's BatchNorm running statistics after recalibration: the mean over the samples of each
+    sample's own statistics (as training normalises), computed here from the layer's inputs."""
+    torch.set_num_threads(1)
+    trainer = RecipeTrainer(_pairs(2), (), RecipeConfig(stage="ais", model_type="vit_t", image_size=256, seed=2),
+                            log=None)
+    norm = next(m for m in trainer.sam.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = norm.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().double()))
+    trainer.recalibrate_batchnorm(samples=3)
+    hook.remove()
+    assert len(seen) == 3 and norm.momentum == 0.1 and not trainer.sam.image_encoder.training
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen])
+    variances = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in seen])  # torch keeps the unbiased one
+    torch.testing.assert_close(norm.running_mean.double(), means.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.running_var.double(), variances.mean(0), rtol=1e-4, atol=1e-5)
+    assert int(norm.num_batches_tracked) == 3

@@ -429,6 +429,7 @@ class RecipeTrainer:
         cfg = self.config
         out: Dict[str, float] = {"step": self.step}
         if self.ais_decoder is not None and self.train_encoder:  # else unchanged since stage ais
+            self.recalibrate_batchnorm()
             out["val_ais_loss"] = float(np.mean([float(self.ais_loss([c], None, train=False)) for c in self.val_crops]))
             if cfg.val_msa:
                 out["val_ais_msa"] = self.validation_ais_msa()
@@ -458,6 +459,29 @@ class RecipeTrainer:
         else:
             out["metric"] = 1.0 - out["val_ais_msa"] if cfg.val_msa else out["val_ais_loss"]
         return out
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, samples: int = 32) -> None:
+        """Set the image encoder's BatchNorm running statistics (TinyViT's convolutions) to their mean over
+        ``samples`` training samples (a fixed draw), as training normalises them: one image per batch.
+
+        Training normalises with each batch's statistics; evaluation, the exported packages and stage prompts
+        use the running statistics, whose exponential average lags far behind an encoder trained from scratch
+        (measured: validation foreground IoU 0.11 with them, 0.30 with batch statistics, after 300 steps)."""
+        norms = [m for m in self.sam.image_encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        self.sam.image_encoder.train()
+        rng = np.random.default_rng((self.config.seed, 77))
+        for _ in range(samples):
+            self.sam.image_encoder(torch.cat([c.x for c in self.sample_crops(rng)]).to(self.device))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        self.sam.image_encoder.eval()
 
     @torch.no_grad()
     def validation_ais_msa(self) -> float:
