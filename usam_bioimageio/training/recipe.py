@@ -89,6 +89,7 @@ class RecipeConfig:
     # image_size, as `usam ais` / `segment` see an image without tiling); the rest are native-resolution crops.
     # With frame_prob > 0 validation runs in that frame too.
     frame_prob: float = 0.0
+    bf16: bool = False  # training steps under bfloat16 autocast (validation and the weights stay float32)
     val_msa: bool = False  # stage ais: select by the AIS mSA of the validation images (runtime frame, µSAM's
     # post-processing, scored at the original size) instead of the AIS loss on validation crops
 
@@ -316,7 +317,7 @@ class RecipeTrainer:
         crop = cfg.ais_crop if (cfg.ais_crop is not None and rng is not None) else None
         if crop is None or crop >= cells:
             self.ais_decoder.train(train)
-            return distance_loss(self.ais_decoder(emb), targets)
+            return distance_loss(self.ais_decoder(emb).float(), targets)
         blocks, block_targets = [], []
         for k, c in enumerate(crops):
             valid = [-(-v // patch) for v in c.valid]
@@ -330,7 +331,7 @@ class RecipeTrainer:
             block_targets.append(targets[k:k + 1, :, y0 * patch:(y0 + crop) * patch, x0 * patch:(x0 + crop) * patch])
         self.ais_decoder.train(train)
         maps = self.ais_decoder(torch.cat(blocks))
-        return distance_loss(maps, torch.cat(block_targets))
+        return distance_loss(maps.float(), torch.cat(block_targets))
 
     def _decode(self, emb: torch.Tensor, prompts: Dict, multimask: bool):
         points = (prompts["points"], prompts["labels"]) if "points" in prompts else None
@@ -340,6 +341,7 @@ class RecipeTrainer:
                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                              multimask_output=multimask)
         n = self.config.image_size
+        low_res, iou = low_res.float(), iou.float()
         return self.sam.postprocess_masks(low_res, (n, n), (n, n)), low_res, iou
 
     def _tensor(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -402,11 +404,16 @@ class RecipeTrainer:
         crops = self.sample_crops(rng)
         self.optimizer.zero_grad()
         out: Dict[str, float] = {"step": self.step + 1}
+        # bf16: the forward pass under autocast (matmuls and convolutions in bfloat16: 1.65x faster steps of
+        # stage ais on 2 CPU cores with AVX512-BF16, measured); weights, gradients and the optimiser in float32
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
         if self.config.stage == "ais":
-            loss = self.ais_loss(crops, rng, train=True)
+            with autocast:
+                loss = self.ais_loss(crops, rng, train=True)
             out["ais_loss"] = float(loss.detach())
         else:
-            result = self.prompt_loss(crops, rng, use_boxes=self.step % 2 == 1)
+            with autocast:
+                result = self.prompt_loss(crops, rng, use_boxes=self.step % 2 == 1)
             if result is None:
                 loss = None
             else:
