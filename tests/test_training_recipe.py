@@ -101,14 +101,15 @@ def test_runtime_frame_is_the_encoders_input_and_labels_follow():
 def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     """Stage ais trains the encoder and the AIS decoder, stage prompts the prompt decoder (with validation);
     ais_frames: half the samples in the runtime frame, best.pt chosen by the validation images' AIS mSA;
-    prompts_bf16: under bfloat16 autocast."""
+    prompts_bf16: under bfloat16 autocast, Dice added to the mask loss."""
     torch.set_num_threads(1)  # the same thread count in both runs
     pairs = _pairs(2)
     val = pairs[:1] if stage != "ais" else ()
     frames = stage == "ais_frames"
     kw = dict(stage=stage.split("_")[0], model_type="vit_t", image_size=256, seed=5, checkpoint_every=2,
               val_every=2, warmup=2, lr=1e-3, ais_crop=2, n_objects=3, n_iterations=2, val_objects=2,
-              frame_prob=0.5 if frames else 0.0, val_msa=frames, bf16=stage.endswith("bf16"))
+              frame_prob=0.5 if frames else 0.0, val_msa=frames, bf16=stage.endswith("bf16"),
+              mask_dice=1.0 if stage.endswith("bf16") else 0.0)
     full = RecipeTrainer(pairs, val, RecipeConfig(steps=3, **kw), log=None).fit(tmp_path / "full", progress=False)
     # interrupted after the checkpoint at step 2 (a run of 2 steps writes the same latest.pt), then continued
     RecipeTrainer(pairs, val, RecipeConfig(steps=2, **kw), log=None).fit(tmp_path / "part", progress=False)

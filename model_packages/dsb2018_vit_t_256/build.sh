@@ -2,7 +2,7 @@
 # Train the DSB2018 demo model from random initialisation (usam_bioimageio.training.recipe, issue 13) and write
 # its compact file (int8 weights per output channel) model_packages/dsb2018_vit_t_256/vit_t_256_dsb2018.pt.
 # vit_t (MobileSAM architecture) at input size 256, seed 0, on the DSB2018 `train` split of
-# ../shared/data/dsb2018/splits.json; the first 8 `val` images (centre crops) select the checkpoint (best.pt).
+# ../shared/data/dsb2018/splits.json; the first 16 `val` images select the checkpoint (best.pt).
 #   stage 1 (--stage ais): image encoder + µSAM's AIS decoder, dense supervision (torch_em's Dice-based distance
 #           loss) with flips / rot90, the decoder on the whole frame (a block of it, --ais-crop, trains its
 #           instance and batch norms on other statistics than the whole frame gives at inference: measured, the

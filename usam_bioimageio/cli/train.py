@@ -98,6 +98,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="share of samples in the runtime's frame (the whole image resized to --image-size, as "
                              "usam ais / segment see it untiled); the rest are native-resolution crops. Validation "
                              "then runs in that frame too")
+    recipe.add_argument("--mask-dice", type=float, default=RecipeConfig.mask_dice,
+                        help="stage prompts: weight of µSAM's Dice loss added to the class-balanced BCE of each mask "
+                             "(the BCE starts an untrained decoder; Dice then rewards overlap, what IoU measures)")
     recipe.add_argument("--bf16", action="store_true",
                         help="training steps under bfloat16 autocast (faster on CPUs with bf16 instructions and on "
                              "GPUs; weights, optimiser, validation and the checkpoints stay float32)")
@@ -140,6 +143,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                               warmup=args.warmup, weight_decay=args.weight_decay, device=args.device,
                               ais_crop=args.ais_crop, train_encoder=args.train_encoder,
                               frame_prob=args.frame_prob, val_msa=args.val_msa, bf16=args.bf16,
+                              mask_dice=args.mask_dice,
                               **({"ais_min_size": args.ais_min_size} if args.ais_min_size is not None else {}),
                               **given)
     else:

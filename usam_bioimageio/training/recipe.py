@@ -53,7 +53,7 @@ from usam_bioimageio.prompting import iterative as ip
 from usam_bioimageio.runtime.geometry import to_rgb
 from usam_bioimageio.training.checkpoints import load_checkpoint, save_training_checkpoint
 from usam_bioimageio.training.targets import distance_targets
-from usam_bioimageio.training.trainer import distance_loss
+from usam_bioimageio.training.trainer import dice_loss, distance_loss
 
 __all__ = ["RecipeConfig", "RecipeTrainer", "balanced_bce", "STAGES", "OUTPUT_FILES"]
 
@@ -82,6 +82,7 @@ class RecipeConfig:
     n_objects: int = 16
     n_iterations: int = 3  # stage prompts: 1 + rounds of corrective points (µSAM: 8)
     mask_prob: float = 0.5
+    mask_dice: float = 0.0  # stage prompts: weight of µSAM's Dice loss added to the class-balanced BCE per mask
     box_distortion: Optional[float] = 0.025
     train_encoder: bool = False  # stage prompts: also train the image encoder
     val_objects: int = 16
@@ -368,7 +369,11 @@ class RecipeTrainer:
             for it in range(cfg.n_iterations):
                 multimask = (not use_boxes) and it == 0
                 masks, low_res, iou_pred = self._decode(emb[k:k + 1], prompts, multimask)
-                mask_loss = balanced_bce(masks, target[:, None].expand_as(masks))  # (n, m)
+                expanded = target[:, None].expand_as(masks)
+                mask_loss = balanced_bce(masks, expanded)  # (n, m)
+                if cfg.mask_dice:
+                    mask_loss = mask_loss + cfg.mask_dice * dice_loss(torch.sigmoid(masks).flatten(0, 1),
+                                                                      expanded.flatten(0, 1)).view(mask_loss.shape)
                 with torch.no_grad():
                     binary = masks > 0
                     t = target.bool()[:, None]
