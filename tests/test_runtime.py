@@ -277,3 +277,49 @@ def test_validate_prints_why_a_check_failed(tmp_path, capsys, monkeypatch):
     assert cli.main(["validate", str(tmp_path / "p.zip")]) == 1
     out = capsys.readouterr().out
     assert "onnx: failed" in out and "failed: [onnx] Reproduce test outputs: max abs diff 0.5" in out
+
+
+def test_device_choice_and_its_errors(vit_t_family, model, image, embeddings, tmp_path, capsys):
+    """--device / SamModel(device=): cpu is the default; auto runs where CUDA is, else on the CPU with the CPU's
+    numbers; cuda without a CUDA backend is one line naming what to install (exit 2), before anything is read."""
+    from usam_bioimageio.errors import UsageError
+    from usam_bioimageio.runtime.backends import cuda_available, resolve_device
+
+    assert model.device == "cpu" and resolve_device("cpu", "onnx") == "cpu"
+    for fmt in ("onnx", "torchscript"):
+        assert resolve_device("auto", fmt) == ("cuda" if cuda_available(fmt) else "cpu")
+    with pytest.raises(UsageError, match="device must be one of"):
+        resolve_device("gpu", "onnx")
+    box = np.array([60.0, 60.0, 140.0, 150.0])
+    auto = SamModel.load(vit_t_family[0], device="auto")
+    if auto.runner("prompt_decoder").device == "cpu":
+        assert np.array_equal(segment_from_prompts(auto, compute_embeddings(auto, image), boxes=box).masks,
+                              segment_from_prompts(model, embeddings, boxes=box).masks)
+    if not cuda_available("onnx"):
+        with pytest.raises(UsageError, match="onnxruntime-gpu"):
+            SamModel.load(tmp_path / "not-read", device="cuda")  # checked before the (missing) family is read
+        img = tmp_path / "img.tif"
+        tifffile.imwrite(img, image)
+        assert cli.main(["embed", "--model", str(vit_t_family[0]), "--image", str(img), "--out",
+                         str(tmp_path / "e.npz"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "onnxruntime-gpu" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "e.npz").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_gpu_path_matches_the_cpu(vit_t_family, model, image, embeddings, fmt):
+    """On a CUDA GPU: embeddings and masks of the GPU path next to the CPU's (GPU kernels round differently)."""
+    from usam_bioimageio.runtime.backends import cuda_available
+
+    if not cuda_available(fmt):
+        pytest.skip(f"no CUDA device for {fmt} on this machine: the GPU path is tested where one is")
+    gpu = SamModel.load(vit_t_family[0], weight_format=fmt, device="cuda")
+    assert gpu.runner("image_encoder").device == "cuda"
+    emb = compute_embeddings(gpu, image)
+    assert np.abs(emb.features - embeddings.features).max() <= 1e-2 * np.abs(embeddings.features).max()
+    box = np.array([60.0, 60.0, 140.0, 150.0])
+    a = segment_from_prompts(gpu, emb, boxes=box).masks
+    b = segment_from_prompts(model, embeddings, boxes=box).masks
+    assert (a != b).mean() < 0.01

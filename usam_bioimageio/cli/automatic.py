@@ -13,6 +13,7 @@ from usam_bioimageio.errors import OutputError, UsageError
 from usam_bioimageio.cli.files import (
     IMAGE_SUFFIXES,
     Output,
+    add_model_options,
     add_tile_options,
     check_embeddings_for,
     check_label_count,
@@ -20,6 +21,7 @@ from usam_bioimageio.cli.files import (
     check_stack_embeddings_for,
     is_stack,
     load_embeddings_for,
+    load_model,
     load_stack_embeddings_for,
     read_image,
     read_image_2d,
@@ -104,7 +106,6 @@ AMG_OPTIONS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stabil
 def run_volume(args: argparse.Namespace, volume: np.ndarray, method: str, params) -> int:
     """``usam ais`` / ``usam amg`` on a stack (z, y, x[, c]) already read and checked: its outputs are checked here
     (a 3D label image is a TIFF; no overlay), then the model is loaded, the volume segmented and written."""
-    from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.volumes.automatic import segment_volume
 
     out = Path(args.out)
@@ -115,7 +116,7 @@ def run_volume(args: argparse.Namespace, volume: np.ndarray, method: str, params
         raise UsageError(f"--overlay draws one 2D image; {args.image} holds a stack of {volume.shape[0]} slices")
     if args.embeddings:
         check_stack_embeddings_for(Path(args.embeddings), volume)
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    model = load_model(args)
     embeddings = load_stack_embeddings_for(Path(args.embeddings), volume, model) if args.embeddings else None
     tile_shape, halo = resolve_tiling(args.tile_shape, args.halo, volume.shape[1:3], model.image_size)
     halo = halo if halo is not None or tile_shape is None else (0, 0)
@@ -143,7 +144,6 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
     file holding a stack (z, y, x) is segmented in 3D (``method``, ``params``: :func:`run_volume`)."""
     from tqdm import tqdm
 
-    from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.io.overlay import overlay
 
     if args.halo is not None and args.tile_shape is None:
@@ -178,7 +178,7 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
         raise UsageError(f"--gap-closing and --min-z-extent merge the slices of a 3D TIFF; {args.image} is {what}")
     if jobs[0][3] is not None:
         check_embeddings_for(jobs[0][3], first)
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    model = load_model(args)
     summary = []
     for k, (path, out, overlay_path, embeddings) in enumerate(tqdm(jobs, desc=f"usam {args.command}", unit="image",
                                                                    disable=args.quiet or single)):
@@ -226,8 +226,7 @@ def cmd_amg(args: argparse.Namespace) -> int:
 
 def _add_automatic_parser(sub, name: str, func, helptext: str, presets) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=helptext, description=helptext)
-    p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
-    p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
+    add_model_options(p)
     p.add_argument("--image", required=True, help="2D image (TIFF, PNG, ...), a folder of 2D images, or a 3D TIFF "
                                                   "(z, y, x) segmented in 3D")
     p.add_argument("--out", required=True, help="label image: .tif (uint32, 0 = background) or .png (16-bit, up to "

@@ -9,7 +9,7 @@ import numpy as np
 
 from usam_bioimageio.embeddings.types import resolve_tiling
 from usam_bioimageio.errors import UsageError
-from usam_bioimageio.cli.files import IMAGE_SUFFIXES, Output, check_outputs, is_stack, read_image
+from usam_bioimageio.cli.files import IMAGE_SUFFIXES, Output, check_outputs, is_stack, load_model, read_image
 
 
 def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namespace, name: str) -> str:
@@ -49,7 +49,6 @@ def _check_cache_data(cache: Path, image: np.ndarray) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     from usam_bioimageio.embeddings.compute import compute_embeddings
     from usam_bioimageio.embeddings.npz import save_embeddings
-    from usam_bioimageio.runtime.model import SamModel
 
     if args.halo is not None and args.tile_shape is None:
         raise UsageError("--halo needs --tile-shape")
@@ -69,7 +68,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if is_stack(image, False):
             raise UsageError(f"{args.image} holds a stack of shape {image.shape}: pass --cache PATH")
         check_outputs([Output("--out", Path(args.out), "npz")], [("--image", source)], overwrite=args.overwrite)
-        model = SamModel.load(args.model, weight_format=args.weight_format)
+        model = load_model(args)
         emb = compute_embeddings(model, image)
         save_embeddings(Path(args.out), emb, image=image)
         print(f"wrote embeddings {emb.features.shape} to {args.out}")
@@ -81,7 +80,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
-        model = SamModel.load(args.model, weight_format=args.weight_format)
+        model = load_model(args)
         cache.mkdir(parents=True, exist_ok=True)
         for path in files:
             print(_embed_to_cache(model, read_image(str(path)), cache / f"{path.stem}.zarr", args, path.name))
@@ -89,6 +88,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     is_stack(image, args.stack)  # --stack on a 2D image: refused before the model is loaded
     _check_cache_data(cache, image)
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    model = load_model(args)
     print(_embed_to_cache(model, image, cache, args, source.name))
     return 0

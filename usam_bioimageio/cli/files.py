@@ -57,6 +57,22 @@ class TileShapeAction(argparse.Action):
             parser.error(f"argument {option_string}: give two integers Y X or '{AUTO_TILING}', got {' '.join(values)}")
 
 
+def add_model_options(p) -> None:
+    """--model, --weight-format and --device: the model a verb runs, and where."""
+    p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
+    p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where the packages run (default cpu; cuda: ONNX Runtime's CUDA provider from "
+                        "onnxruntime-gpu, or torch's GPU for torchscript; auto: cuda where available, else cpu)")
+
+
+def load_model(args):
+    """The SamModel of the options added by :func:`add_model_options`."""
+    from usam_bioimageio.runtime.model import SamModel
+
+    return SamModel.load(args.model, weight_format=args.weight_format, device=args.device)
+
+
 def add_tile_options(p, tile_help: str, halo_help: str) -> None:
     """The ``--tile-shape`` / ``--halo`` options of ``usam embed``, ``ais`` and ``amg``."""
     p.add_argument("--tile-shape", nargs="+", action=TileShapeAction, metavar="Y X | auto", default=None,

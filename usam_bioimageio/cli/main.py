@@ -12,7 +12,7 @@ from usam_bioimageio import __version__
 from usam_bioimageio.cli.automatic import add_automatic_parsers
 from usam_bioimageio.cli.embed import cmd_embed
 from usam_bioimageio.cli.evaluate import cmd_evaluate
-from usam_bioimageio.cli.files import add_tile_options
+from usam_bioimageio.cli.files import add_model_options, add_tile_options
 from usam_bioimageio.cli.packages import cmd_export, cmd_validate
 from usam_bioimageio.cli.segment import cmd_segment
 from usam_bioimageio.cli.track import add_track_parser
@@ -56,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "images, stacks and folders)"),
                                  ("segment", cmd_segment, "segment objects from prompts -> label image (TIFF or PNG)")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
-        p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
+        add_model_options(p)
         if name == "embed":
             p.add_argument("--image", required=True,
                            help="2D image (TIFF, PNG, ...), 3D TIFF stack / time series, or a folder of images")
@@ -107,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layout of ../shared/data/dsb2018): AIS / AMG thresholds by grid search on the "
                                    "validation split, everything scored on the test split; writes report.md, "
                                    "results.json and plots.")
-    p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
-    p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
+    add_model_options(p)
     p.add_argument("--data", required=True, help="dataset folder (splits.json, images/, labels/)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

@@ -16,6 +16,7 @@ from usam_bioimageio.cli.files import (
     check_stack_embeddings_for,
     is_stack,
     load_embeddings_for,
+    load_model,
     load_stack_embeddings_for,
     read_image,
     read_image_2d,
@@ -29,7 +30,6 @@ def _segment_volume(args: argparse.Namespace) -> int:
     """``--volume``: a 3D TIFF (z, y, x), prompts with a slice ``z`` per object -> a 3D label TIFF."""
     from usam_bioimageio.embeddings.compute import compute_stack_embeddings
     from usam_bioimageio.io.prompt_files import check_prompt_slices, check_prompts_inside, read_prompts
-    from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.volumes.interactive import segment_volume_from_prompts
 
     volume = read_image(args.image)
@@ -52,7 +52,7 @@ def _segment_volume(args: argparse.Namespace) -> int:
     if args.embeddings:
         check_stack_embeddings_for(Path(args.embeddings), volume)
 
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    model = load_model(args)
     emb = load_stack_embeddings_for(Path(args.embeddings), volume, model) if args.embeddings \
         else compute_stack_embeddings(model, volume, progress=not args.quiet)
     labels = segment_volume_from_prompts(model, emb, objects=objects, projection=args.projection,
@@ -72,7 +72,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from usam_bioimageio.io.prompt_files import check_prompts_inside, read_prompts
     from usam_bioimageio.prompting.predict import label_objects
     from usam_bioimageio.prompting.tiled import label_objects_tiled
-    from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.io.prompt_files import check_prompt_slices
 
     if args.volume:
@@ -90,7 +89,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.embeddings:
         check_embeddings_for(Path(args.embeddings), image)
 
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    model = load_model(args)
     with tqdm(total=2, desc="segment", disable=args.quiet) as bar:
         bar.set_postfix_str("embeddings")
         emb = load_embeddings_for(Path(args.embeddings), image, model) if args.embeddings \

@@ -14,11 +14,13 @@ from usam_bioimageio.cli.automatic import AIS_OPTIONS, add_ais_options, override
 from usam_bioimageio.cli.files import (
     IMAGE_SUFFIXES,
     Output,
+    add_model_options,
     check_embeddings_for,
     check_outputs,
     check_stack_embeddings_for,
     is_stack,
     load_embeddings_for,
+    load_model,
     load_stack_embeddings_for,
     read_image,
     read_image_2d,
@@ -81,7 +83,6 @@ def _track_prompted(args: argparse.Namespace) -> int:
     """``--prompts``: objects prompted on their frames ("t", "track", "division", "parent" in the prompt file),
     followed through time (µSAM's track_from_prompts) -> a CTC result folder."""
     from usam_bioimageio.embeddings.compute import compute_stack_embeddings
-    from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.tracking.interactive import tracks_from_frame_prompts
     from usam_bioimageio.tracking.prompt_file import check_track_prompts, read_track_prompts
 
@@ -100,7 +101,7 @@ def _track_prompted(args: argparse.Namespace) -> int:
     check_track_prompts(prompts, frames.shape[0], frames.shape[1:3], args.prompts)
     if args.embeddings:
         check_stack_embeddings_for(Path(args.embeddings), frames)
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    model = load_model(args)
     embeddings = load_stack_embeddings_for(Path(args.embeddings), frames, model) if args.embeddings \
         else compute_stack_embeddings(model, frames, progress=not args.quiet)
     tracks = tracks_from_frame_prompts(model, embeddings, prompts=prompts, projection=args.projection,
@@ -114,7 +115,6 @@ def _track_prompted(args: argparse.Namespace) -> int:
 
 def cmd_track(args: argparse.Namespace) -> int:
     from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
-    from usam_bioimageio.runtime.model import SamModel
     from usam_bioimageio.tracking.automatic import track_frames
     from usam_bioimageio.tracking.linking import motile_available
 
@@ -141,7 +141,7 @@ def cmd_track(args: argparse.Namespace) -> int:
             check_embeddings_for(path, frame)
     elif args.embeddings:
         check_stack_embeddings_for(Path(args.embeddings), frames)
-    model = SamModel.load(args.model, weight_format=args.weight_format)
+    model = load_model(args)
     if emb_paths is not None:
         embeddings = _FrameEmbeddings(emb_paths, frames, model)
     elif args.embeddings:
@@ -165,8 +165,7 @@ def add_track_parser(sub) -> None:
             "res_track.txt); with --prompts, interactive tracking: objects prompted on their frames, followed "
             "through time as µSAM's tracking annotator does")
     p = sub.add_parser("track", help=text, description=text)
-    p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
-    p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
+    add_model_options(p)
     p.add_argument("--image", required=True,
                    help="the time series: a folder of 2D frames (sorted by name) or a 3D TIFF read as (t, y, x); "
                         "one 2D image is refused")

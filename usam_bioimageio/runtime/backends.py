@@ -1,6 +1,9 @@
-"""Run one package's weights: ONNX Runtime (default, no torch needed) or torchscript.
+"""Run one package's weights: ONNX Runtime (default, no torch needed) or torchscript, on the CPU or a CUDA GPU.
 
 A runner loads only weights whose sha256 is the one in the package's rdf.yaml (``packages.verified_weights``).
+Devices: ``cpu`` (the default: the numbers every equality test checks), ``cuda`` (ONNX Runtime's CUDA
+execution provider, from ``onnxruntime-gpu``; torchscript on torch's CUDA device), ``auto`` (cuda where the
+backend has it, else cpu). Inputs and outputs are numpy arrays on every device.
 """
 
 from __future__ import annotations
@@ -10,10 +13,41 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from usam_bioimageio import settings
-from usam_bioimageio.errors import PackageError
+from usam_bioimageio.errors import PackageError, UsageError
 from usam_bioimageio.runtime.packages import Package, verified_weights
 
 WEIGHT_FORMATS = ("onnx", "torchscript")
+DEVICES = ("cpu", "cuda", "auto")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def cuda_available(weight_format: str) -> bool:
+    """Whether the backend of ``weight_format`` can run on a CUDA GPU here."""
+    if weight_format == "onnx":
+        import onnxruntime as ort
+
+        return CUDA_PROVIDER in ort.get_available_providers()
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str, weight_format: str) -> str:
+    """``device`` ("cpu", "cuda" or "auto") -> the device a runner uses; "cuda" where the backend lacks it is an
+    error (one line naming what to install), "auto" falls back to "cpu"."""
+    if device not in DEVICES:
+        raise UsageError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "cpu":
+        return "cpu"
+    if cuda_available(weight_format):
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    need = ("ONNX Runtime has no CUDA execution provider here (pip install onnxruntime-gpu, with an NVIDIA driver)"
+            if weight_format == "onnx" else "torch sees no CUDA GPU here")
+    raise UsageError(f"device cuda: {need}; use --device cpu or auto")
 
 
 def _first_line(err: BaseException) -> str:
@@ -26,11 +60,13 @@ class Runner:
     Sessions are compute resources, not state: the same runner gives the same outputs for the same inputs.
     """
 
-    def __init__(self, package: Package, *, weight_format: str = "onnx", num_threads: Optional[int] = None):
+    def __init__(self, package: Package, *, weight_format: str = "onnx", num_threads: Optional[int] = None,
+                 device: str = "cpu"):
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, not {weight_format!r}")
         self.package = package
         self.weight_format = weight_format
+        self.device = resolve_device(device, weight_format)
         self.input_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["inputs"])
         self.output_names: Tuple[str, ...] = tuple(t["id"] for t in package.rdf["outputs"])
         path = verified_weights(package, weight_format)
@@ -49,7 +85,8 @@ class Runner:
             # between decoder calls, and spinning ONNX Runtime threads would take its cores (2 here)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
-                self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                providers = ([CUDA_PROVIDER] if self.device == "cuda" else []) + ["CPUExecutionProvider"]
+                self._session = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
                 raise PackageError(f"ONNX Runtime cannot load {what} (truncated or corrupt?): "
                                    f"{_first_line(err)}") from None
@@ -66,7 +103,7 @@ class Runner:
                 raise PackageError("torchscript weights need torch: pip install 'usam-bioimageio[torch]'") from err
             # torch's thread count is process-wide: a runner leaves it to the caller (torch.set_num_threads)
             try:
-                self._module = torch.jit.load(str(path), map_location="cpu").eval()
+                self._module = torch.jit.load(str(path), map_location=self.device).eval()
             except Exception as err:  # RuntimeError for a truncated archive, ValueError, ...
                 raise PackageError(f"torch cannot load {what} (truncated or corrupt?): {_first_line(err)}") from None
 
@@ -80,6 +117,7 @@ class Runner:
             import torch
 
             with torch.no_grad():
-                result = self._module(*[torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in self.input_names])
-            outs = [r.numpy() for r in (result if isinstance(result, (tuple, list)) else (result,))]
+                result = self._module(*[torch.from_numpy(np.ascontiguousarray(inputs[k])).to(self.device)
+                                        for k in self.input_names])
+            outs = [r.cpu().numpy() for r in (result if isinstance(result, (tuple, list)) else (result,))]
         return dict(zip(self.output_names, outs))

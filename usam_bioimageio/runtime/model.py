@@ -6,29 +6,34 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
 
-from usam_bioimageio.runtime.backends import Runner
+from usam_bioimageio.runtime.backends import Runner, resolve_device
 from usam_bioimageio.runtime.packages import Family, load_family
 
 
 @dataclass
 class SamModel:
-    """The packages of one model and lazily created runners for them (ONNX by default)."""
+    """The packages of one model and lazily created runners for them (ONNX by default, on the CPU by default;
+    ``device``: see ``runtime.backends``)."""
 
     family: Family
     weight_format: str = "onnx"
     num_threads: Optional[int] = None
+    device: str = "cpu"
     _runners: Dict[str, Runner] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, source: Union[str, os.PathLike], *, weight_format: str = "onnx", num_threads: Optional[int] = None):
-        """Load a family folder (or a single package) from ``source``; see ``packages.load_family``."""
-        return cls(load_family(source), weight_format=weight_format, num_threads=num_threads)
+    def load(cls, source: Union[str, os.PathLike], *, weight_format: str = "onnx", num_threads: Optional[int] = None,
+             device: str = "cpu"):
+        """Load a family folder (or a single package) from ``source``; see ``packages.load_family``. ``device``
+        ("cpu", "cuda", "auto") is checked here, before any package is read."""
+        resolve_device(device, weight_format)
+        return cls(load_family(source), weight_format=weight_format, num_threads=num_threads, device=device)
 
     def runner(self, kind: str) -> Runner:
         if kind not in self._runners:
             self._runners[kind] = Runner(
-                self.family.get(kind), weight_format=self.weight_format, num_threads=self.num_threads
-            )
+                self.family.get(kind), weight_format=self.weight_format, num_threads=self.num_threads,
+                device=self.device)
         return self._runners[kind]
 
     @property
