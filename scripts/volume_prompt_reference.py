@@ -16,6 +16,8 @@ encoder computes with the loaded weights as our packages do. The image: a crop o
 * ``from_mask_<case>``: ``segment_from_mask`` on slice 3 with each prompt combination (packed bits, 64 x 64).
 * ``volume_<case>_<projection>``: ``segment_mask_in_volume`` (packed bits, 7 x 64 x 64) and its (z_min, z_max)
   in meta.json, for every projection mode, from one or several annotated ground-truth slices.
+* ``tiled_from_mask_<case>`` / ``tiled_volume_<case>_<projection>``: the same on tiled embeddings of the crop
+  (``TILE``, ``HALO``: micro-sam's tiling, each tile its own encoder run).
 
 Only results are stored (well under 1 MB), no weights: the test rebuilds the weights and checks their sha256.
 """
@@ -68,6 +70,15 @@ VOLUME_CASES = {
     "even_gap": ([1, 5], 0.5, False, False, 0.0, PROJECTIONS),  # the middle slice from its two neighbours
     "stop_upper": ([2, 6], 0.5, False, True, 0.0, ("mask", "single_point")),
     "stop_lower": ([2, 6], 0.5, True, False, 0.0, ("mask", "single_point")),
+}
+# tiled embeddings (micro-sam's tiling, each tile encoded on its own): tile and halo (y, x) on the 64 x 64 crop
+# (3 x 3 tiles, outer blocks up to 40 x 40, so the object is cut to its tile's outer block); segment_from_mask on
+# FROM_MASK_SLICE and segment_mask_in_volume as above
+TILE, HALO = (24, 24), (8, 8)
+TILED_FROM_MASK_CASES = ("box", "mask", "points", "box_points_mask", "single_point")
+TILED_VOLUME_CASES = {
+    "middle_no_stop": ([3], 0.0, False, False, 0.05, ("box", "mask", "points_and_mask", "single_point")),
+    "three": ([1, 3, 6], 0.5, False, False, 0.0, ("mask", "points")),
 }
 # prompt derivation only: a ground-truth label slice z cropped to [y0:y1, x0:x1], zero-padded by `pad` on every
 # side: (z, y0, y1, x0, x1, object, box_extension, pad)
@@ -215,6 +226,29 @@ def main() -> None:
                     "pixels_per_slice": seg.astype(bool).sum(axis=(1, 2)).tolist(),
                 }
                 print(f"volume {key}: z {z_min}..{z_max}, px {meta['volume'][key]['pixels_per_slice']}")
+
+        # the same on tiled embeddings
+        tiled = util.precompute_image_embeddings(predictor, volume, ndim=3, tile_shape=TILE, halo=HALO,
+                                                 verbose=False)
+        meta["tiled"] = {"tile_shape": list(TILE), "halo": list(HALO), "from_mask": {}, "volume": {}}
+        for name in TILED_FROM_MASK_CASES:
+            mask = segment_from_mask(predictor, gt[FROM_MASK_SLICE].astype("uint8"), image_embeddings=tiled,
+                                     i=FROM_MASK_SLICE, **FROM_MASK_CASES[name])
+            arrays[f"tiled_from_mask_{name}"] = np.packbits(np.asarray(mask[0], bool))
+            meta["tiled"]["from_mask"][name] = int(mask.sum())
+            print(f"tiled from_mask {name}: {int(mask.sum())} px")
+        for name, (annotated, iou, stop_lower, stop_upper, ext, projections) in TILED_VOLUME_CASES.items():
+            for projection in projections:
+                seg = np.zeros(volume.shape, "uint8")
+                seg[annotated] = gt[annotated]
+                seg, (z_min, z_max) = segment_mask_in_volume(
+                    seg, predictor, tiled, np.array(annotated), stop_lower=stop_lower, stop_upper=stop_upper,
+                    iou_threshold=iou, projection=projection, box_extension=ext)
+                key = f"{name}_{projection}"
+                arrays[f"tiled_volume_{key}"] = np.packbits(seg.astype(bool))
+                meta["tiled"]["volume"][key] = {"z_range": [int(z_min), int(z_max)],
+                                                "pixels_per_slice": seg.astype(bool).sum(axis=(1, 2)).tolist()}
+                print(f"tiled volume {key}: z {z_min}..{z_max}, px {meta['tiled']['volume'][key]['pixels_per_slice']}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out_dir / "results.npz", **arrays)

@@ -134,6 +134,55 @@ def test_segment_mask_in_volume_equals_micro_sam(key, model, volume, stack, resu
     assert not per_slice, f"{key}: slices that differ (IoU) {per_slice}"
 
 
+@pytest.fixture(scope="module")
+def tiled_stack(model, volume):
+    tiling = META["tiled"]
+    stack = compute_stack_embeddings(model, volume[0], tile_shape=tiling["tile_shape"], halo=tiling["halo"],
+                                     progress=False)
+    assert stack.tiling is not None and len(stack.tiling) == 9  # 3 x 3 tiles: the object is cut to one
+    return stack
+
+
+@pytest.mark.parametrize("name", sorted(REF.TILED_FROM_MASK_CASES))
+def test_tiled_segment_from_mask_equals_micro_sam(name, model, volume, tiled_stack, results):
+    """On tiled embeddings: the tile of the mask's centroid, prompts from the mask cut to its outer block, the
+    result pasted back at full size (µSAM's _mask_to_tile / _tile_to_full_mask)."""
+    kwargs = dict(REF.FROM_MASK_CASES[name])
+    kwargs["single_point"] = kwargs.pop("use_single_point", False)
+    z = META["from_mask_slice"]
+    ours = segment_from_mask(model, tiled_stack[z], mask=volume[1][z], **kwargs).masks[0, 0]
+    theirs = _unpack(results[f"tiled_from_mask_{name}"], ours.shape)
+    assert ours.shape == volume[1][z].shape and ours.sum() == META["tiled"]["from_mask"][name]
+    assert np.array_equal(ours, theirs), f"{name}: IoU {_iou(ours, theirs):.5f}"
+
+
+@pytest.mark.parametrize("key", sorted(META["tiled"]["volume"]))
+def test_tiled_segment_mask_in_volume_equals_micro_sam(key, model, volume, tiled_stack, results):
+    name, projection = next((n, key[len(n) + 1:]) for n in REF.TILED_VOLUME_CASES if key.startswith(n + "_"))
+    annotated, iou, stop_lower, stop_upper, ext, _ = REF.TILED_VOLUME_CASES[name]
+    gt = volume[1]
+    seg = np.zeros(gt.shape, np.uint8)
+    seg[annotated] = gt[annotated]
+    out = segment_mask_in_volume(model, tiled_stack, segmentation=seg, segmented_slices=annotated,
+                                 projection=projection, iou_threshold=iou, box_extension=ext, stop_lower=stop_lower,
+                                 stop_upper=stop_upper, progress=False)
+    theirs = _unpack(results[f"tiled_volume_{key}"], gt.shape)
+    assert [out.z_min, out.z_max] == META["tiled"]["volume"][key]["z_range"]
+    differ = [f"{z}: {_iou(a, b):.4f}" for z, (a, b) in enumerate(zip(out.masks, theirs)) if not np.array_equal(a, b)]
+    assert not differ, f"{key}: slices that differ (IoU) {differ}"
+
+
+def test_tiled_empty_mask_and_multimask(model, volume, tiled_stack):
+    """µSAM's tiled path fails on an empty mask and has no multimask output: an empty mask gives an empty
+    object (allow_empty, as projecting a vanished object does), multimask is refused."""
+    empty = segment_from_mask(model, tiled_stack[3], mask=np.zeros(volume[1][3].shape, bool), allow_empty=True)
+    assert empty.masks.shape == (1, 1) + volume[1][3].shape and not empty.masks.any()
+    with pytest.raises(InputError, match="multimask"):
+        segment_from_mask(model, tiled_stack[3], mask=volume[1][3], multimask_output=True)
+    with pytest.raises(InputError, match="empty"):
+        segment_from_mask(model, tiled_stack[3], mask=np.zeros(volume[1][3].shape, bool))
+
+
 def test_bad_input_gets_clear_errors(model, volume, stack):
     gt = volume[1]
     seg = np.zeros(gt.shape, np.uint8)

@@ -23,6 +23,12 @@ The points depend on exact float32 ties between distance maxima (``peak_local_ma
 raster order and thins them by ``min_distance``), so the smoothing reproduces bioimage_cpp 0.9.0's arithmetic bit
 for bit, as its AVX2 build computes it (``usam_bioimageio.filters``): a float64 filter agrees only to 1e-7, which moved
 a point on 3 of 106 ground-truth masks. On a CPU without AVX2 bioimage_cpp rounds differently (a last-bit matter).
+
+**Tiled embeddings** (µSAM's ``_mask_to_tile`` / ``_tile_to_full_mask``): the object is answered from the tile whose
+inner block holds the mask's centroid (the mean of its pixel coordinates, rounded half to even); the mask is cut
+to that tile's outer block (halo included), the prompts are derived from the cut mask and decoded on the tile's
+embeddings, and the result is pasted into an empty full-size mask at the outer block. µSAM's tiled path has no
+multimask output and fails on an empty mask; here an empty mask (``allow_empty``) gives an empty result.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from typing import Tuple
 import numpy as np
 
 from usam_bioimageio import registry
-from usam_bioimageio.embeddings.types import Embeddings
+from typing import Union
+
+from usam_bioimageio.embeddings.types import Embeddings, TiledEmbeddings
 from usam_bioimageio.errors import InputError
 from usam_bioimageio.filters import gaussian_smoothing
 from usam_bioimageio.prompting.predict import PromptResult, segment_from_prompts
@@ -173,7 +181,7 @@ def logits_from_mask(*, mask: np.ndarray, image_size: int = registry.IMAGE_SIZE)
 
 def segment_from_mask(
     model: SamModel,
-    embeddings: Embeddings,
+    embeddings: Union[Embeddings, TiledEmbeddings],
     *,
     mask: np.ndarray,
     use_box: bool = True,
@@ -190,8 +198,13 @@ def segment_from_mask(
     makes ``use_points`` one positive point. µSAM's defaults: box and mask. The result has one object:
     ``masks`` (1, k, H, W). An empty mask is an error unless ``allow_empty``: then, as µSAM, it gives no box
     or points and an all-background mask prompt, decoded without any point or box (what projecting an object
-    that vanished on the previous slice does in µSAM).
+    that vanished on the previous slice does in µSAM). Tiled embeddings: see the module doc (``masks`` at the
+    full size; ``low_res_logits`` in the frame of the object's tile).
     """
+    flags = dict(use_box=use_box, use_mask=use_mask, use_points=use_points, single_point=single_point,
+                 box_extension=box_extension)
+    if isinstance(embeddings, TiledEmbeddings):
+        return _segment_from_mask_tiled(model, embeddings, mask, flags, multimask_output, allow_empty)
     if not isinstance(embeddings, Embeddings):
         raise InputError(f"segment_from_mask takes the Embeddings of one 2D image, got {type(embeddings).__name__}")
     m = _as_mask(mask, allow_empty=allow_empty)
@@ -218,3 +231,25 @@ def segment_from_mask(
         points=None if points is None else points[None], point_labels=None if labels is None else labels[None],
         boxes=None if box is None else box[None], mask_inputs=None if logits is None else logits[None],
         multimask_output=multimask_output)
+
+
+def _segment_from_mask_tiled(model: SamModel, tiled: TiledEmbeddings, mask, flags: dict, multimask_output: bool,
+                             allow_empty: bool) -> PromptResult:
+    m = _as_mask(mask, allow_empty=allow_empty)
+    if m.shape != tuple(tiled.original_shape):
+        raise InputError(f"mask of shape {m.shape} does not match the image of shape {tuple(tiled.original_shape)} "
+                         "the embeddings come from")
+    if multimask_output:
+        raise InputError("multimask output is not available on tiled embeddings (nor in µSAM)")
+    size = registry.low_res_mask_size(model.image_size)
+    if not m.any():  # nothing to locate a tile with: an empty object stays empty
+        high = np.float32(np.log((1 - MASK_PROMPT_EPS) / MASK_PROMPT_EPS))
+        return PromptResult(masks=np.zeros((1, 1) + m.shape, bool), scores=np.zeros((1, 1), np.float32),
+                            low_res_logits=np.full((1, 1, size, size), -high, np.float32))
+    y, x = np.round(np.mean(np.nonzero(m), axis=1)).astype(int)  # µSAM's _mask_to_tile
+    tile = tiled.tiling.tile_at(int(y), int(x))
+    result = segment_from_mask(model, tiled.tile_embeddings(tile.index), mask=m[tile.outer_slices],
+                               multimask_output=False, allow_empty=allow_empty, **flags)
+    full = np.zeros((1, 1) + m.shape, bool)
+    full[(0, 0) + tile.outer_slices] = result.masks[0, 0]
+    return PromptResult(masks=full, scores=result.scores, low_res_logits=result.low_res_logits)

@@ -29,12 +29,13 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from usam_bioimageio.embeddings.types import StackEmbeddings
+from usam_bioimageio.embeddings.types import StackEmbeddings, TiledEmbeddings
 from usam_bioimageio.errors import InputError, UsageError
 from usam_bioimageio.io.prompt_files import ObjectPrompt
 from usam_bioimageio.progress import progress_bar
 from usam_bioimageio.prompting.from_mask import segment_from_mask
 from usam_bioimageio.prompting.predict import segment_objects
+from usam_bioimageio.prompting.tiled import segment_objects_tiled
 from usam_bioimageio.runtime.model import SamModel
 
 __all__ = ["PROJECTION_MODES", "VolumeSegmentation", "projection_prompts", "segment_mask_in_volume",
@@ -78,8 +79,6 @@ def _check_inputs(embeddings, segmentation, segmented_slices, iou_threshold) -> 
         raise InputError(f"segment_mask_in_volume takes StackEmbeddings, got {type(embeddings).__name__}")
     if not embeddings.is_stack:
         raise InputError("these embeddings are of a 2D image, not of a volume")
-    if embeddings.tiling is not None:
-        raise UsageError("segment_mask_in_volume does not support tiled embeddings yet: embed the volume untiled")
     seg = np.asarray(segmentation)
     if seg.ndim != 3:
         raise InputError(f"segmentation must be a volume (Z, H, W), got shape {seg.shape}")
@@ -209,7 +208,9 @@ def segment_volume_from_prompts(
     try:
         for k, obj in enumerate(objects):
             seed = np.zeros(shape, np.uint8)
-            seed[obj.z] = segment_objects(model, embeddings[obj.z], [obj])[0]  # as `usam segment` on that slice
+            plane = embeddings[obj.z]  # segmented as `usam segment` segments that slice
+            segment = segment_objects_tiled if isinstance(plane, TiledEmbeddings) else segment_objects
+            seed[obj.z] = segment(model, plane, [obj])[0]
             if seed[obj.z].any():
                 volume = segment_mask_in_volume(model, embeddings, segmentation=seed, segmented_slices=[obj.z],
                                                 projection=projection, iou_threshold=iou_threshold,
