@@ -13,7 +13,14 @@ own with shuffled ids, merged by :func:`usam_bioimageio.volumes.merge.merge_slic
 ground truth (µSAM's mSA and SA50, mean over the three volumes); variants: µSAM's annotator defaults (gap
 closing 2, min z extent 2), min z extent 3, and our opt-in symmetric overlap.
 
-About 4 minutes on 2 cores (py-ctcmetrics' matching of 53 frames of 1305x1009 takes ~35 s per result).
+With ``--model FAMILY`` (a family with AIS packages, e.g. the demo model's: model_packages/dsb2018_vit_t_256) the
+full pipelines too: automatic 3D (µSAM's ``automatic_3d_segmentation``: AIS per slice with µSAM's default
+thresholds, merged across z) on the three GoNuclear volumes, scored against their 3D ground truth
+(``msa3d_ais_gonuclear``, ``sa50_3d_ais_gonuclear``), and automatic tracking (AIS per frame, then the linker) on
+the 53 bacteria frames, scored by py-ctcmetrics (``tra_ais_bacteria``, ``det_ais_bacteria``).
+
+About 4 minutes on 2 cores (py-ctcmetrics' matching of 53 frames of 1305x1009 takes ~35 s per result), plus the
+pipelines (minutes with a vit_t at input size 256).
 """
 
 from __future__ import annotations
@@ -110,13 +117,52 @@ def merge_report(data: Path, progress: bool) -> dict:
     return out
 
 
+def pipeline_report(data: Path, family: Path, progress: bool) -> dict:
+    """The full pipelines with a model: automatic 3D on GoNuclear, automatic tracking on bacteria."""
+    from usam_bioimageio.io.download import sha256_of
+    from usam_bioimageio.runtime.model import SamModel
+    from usam_bioimageio.tracking.automatic import track_frames
+    from usam_bioimageio.volumes.automatic import segment_volume
+
+    model = SamModel.load(family)
+    encoder = model.family.get("image_encoder")
+    out = {"model": {"family": str(family), "name": encoder.name, "image_size": model.image_size,
+                     "encoder_identity": model.encoder_identity}, "volumes": {}}
+    start = time.time()
+    for name in ("1135", "1136", "1137"):
+        raw = tifffile.imread(data / "gonuclear3d" / f"{name}_mini_raw.tif")
+        gt = tifffile.imread(data / "gonuclear3d" / f"{name}_mini_labels.tif")
+        labels = segment_volume(model, raw, method="ais", progress=progress)
+        scores = volume_scores(prediction=labels, ground_truth=gt)
+        out["volumes"][name] = {k: round(float(scores[k]), 6) for k in ("msa", "sa50", "sa75")}
+        out["volumes"][name].update(objects=int(labels.max()), nuclei=int(len(np.unique(gt)) - 1))
+        print(f"automatic 3D {name}: mSA {scores['msa']:.4f} ({int(labels.max())} objects, "
+              f"{out['volumes'][name]['nuclei']} nuclei)", flush=True)
+    out["msa3d"] = round(float(np.mean([v["msa"] for v in out["volumes"].values()])), 6)
+    out["sa50_3d"] = round(float(np.mean([v["sa50"] for v in out["volumes"].values()])), 6)
+    out["seconds_3d"] = round(time.time() - start, 1)
+    folder = data / "bacteria_tracking" / "data" / "bacteria"
+    frames = np.stack([tifffile.imread(f) for f in sorted((folder / "img").glob("t*.tif"))])
+    start = time.time()
+    tracks = track_frames(model, frames, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="usam_track_") as tmp:
+        out["tracking"] = _scores(write_ctc(folder=Path(tmp) / "RES", tracks=tracks), folder)
+    out["tracking"].update(tracks=int(len(tracks.tracks)), seconds=round(time.time() - start, 1))
+    print(f"automatic tracking: TRA {out['tracking']['TRA']:.4f} DET {out['tracking']['DET']:.4f}", flush=True)
+    out["weights_sha256"] = {kind: sha256_of(p.weights_path("onnx")) for kind, p in model.family.packages.items()
+                             if kind in ("image_encoder", "ais_head")}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "volumes_tracking.json")
     parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument("--model", type=Path, help="a family with AIS packages: also the full pipelines")
     args = parser.parse_args()
     start = time.time()
+    pipeline = pipeline_report(args.data, args.model, args.progress) if args.model else None
     merge = merge_report(args.data, args.progress)
     linking = linking_report(args.data, args.progress)
     report = {
@@ -139,10 +185,14 @@ def main() -> None:
         },
         "linking": linking,
         "merge": merge,
+        **({"msa3d_ais_gonuclear": pipeline["msa3d"], "sa50_3d_ais_gonuclear": pipeline["sa50_3d"],
+            "tra_ais_bacteria": pipeline["tracking"]["TRA"], "det_ais_bacteria": pipeline["tracking"]["DET"],
+            "pipeline": pipeline} if pipeline else {}),
         "versions": {"py-ctcmetrics": version("py-ctcmetrics"), "motile": version("motile"),
                      "ilpy": version("ilpy"), "numpy": np.__version__, "python": platform.python_version()},
         "seconds": round(time.time() - start, 1),
-        "command": ".venv/bin/python scripts/volumes_tracking_report.py",
+        "command": ".venv/bin/python scripts/volumes_tracking_report.py" + (f" --model {args.model}" if args.model
+                                                                              else ""),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
