@@ -58,19 +58,23 @@ class TileShapeAction(argparse.Action):
 
 
 def add_model_options(p) -> None:
-    """--model, --weight-format and --device: the model a verb runs, and where."""
+    """--model, --weight-format, --device and --encoder-precision: the model a verb runs, and where."""
     p.add_argument("--model", required=True, help="family folder, package zip/folder, URL or bioimage.io id")
     p.add_argument("--weight-format", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="where the packages run (default cpu; cuda: ONNX Runtime's CUDA provider from "
                         "onnxruntime-gpu, or torch's GPU for torchscript; auto: cuda where available, else cpu)")
+    p.add_argument("--encoder-precision", default="fp32", choices=["fp32", "int8", "fp16"],
+                   help="the family's reduced-precision image encoder instead of the fp32 one (faster, not equal to "
+                        "it: its measured loss is in its README; written by usam export --encoder-variants)")
 
 
 def load_model(args):
     """The SamModel of the options added by :func:`add_model_options`."""
     from usam_bioimageio.runtime.model import SamModel
 
-    return SamModel.load(args.model, weight_format=args.weight_format, device=args.device)
+    return SamModel.load(args.model, weight_format=args.weight_format, device=args.device,
+                         encoder_precision=args.encoder_precision)
 
 
 def add_tile_options(p, tile_help: str, halo_help: str) -> None:

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "filled before the weights are loaded), to reproduce micro-sam's numbers")
     p.add_argument("--formats", nargs="+", choices=["pytorch_state_dict", "torchscript", "onnx"], default=None,
                    help="weight formats of the packages (default: all three), each gated by bioimageio.core")
+    p.add_argument("--encoder-variants", nargs="+", choices=["int8", "fp16"], default=[],
+                   help="also write reduced-precision image encoders (ONNX; never the default; see "
+                        "usam_exporters.precision), listed in family.yaml, used with --encoder-precision")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 

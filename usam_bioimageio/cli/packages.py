@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from usam_bioimageio.errors import UsamError
+from usam_bioimageio.errors import UsageError, UsamError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -26,6 +26,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **({"formats": tuple(args.formats)} if args.formats else {}),
     )
+    if args.encoder_variants:
+        if "onnx" not in (args.formats or ("onnx",)):
+            raise UsageError("--encoder-variants are made from the ONNX weights: include onnx in --formats")
+        from usam_exporters.precision import write_encoder_variants
+
+        for precision, path in write_encoder_variants(Path(out), args.encoder_variants).items():
+            print(f"wrote {path} ({precision} image encoder)")
     print(f"wrote {out}")
     return 0
 

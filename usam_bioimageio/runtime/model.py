@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
 
+from usam_bioimageio.errors import UsageError
 from usam_bioimageio.runtime.backends import Runner, resolve_device
 from usam_bioimageio.runtime.packages import Family, load_family
 
@@ -23,11 +24,15 @@ class SamModel:
 
     @classmethod
     def load(cls, source: Union[str, os.PathLike], *, weight_format: str = "onnx", num_threads: Optional[int] = None,
-             device: str = "cpu"):
+             device: str = "cpu", encoder_precision: str = "fp32"):
         """Load a family folder (or a single package) from ``source``; see ``packages.load_family``. ``device``
-        ("cpu", "cuda", "auto") is checked here, before any package is read."""
+        ("cpu", "cuda", "auto") is checked here, before any package is read. ``encoder_precision`` "int8" or
+        "fp16": the family's reduced-precision encoder variant (ONNX only) instead of its fp32 encoder."""
         resolve_device(device, weight_format)
-        return cls(load_family(source), weight_format=weight_format, num_threads=num_threads, device=device)
+        if encoder_precision != "fp32" and weight_format != "onnx":
+            raise UsageError(f"the {encoder_precision} image encoder has ONNX weights only, not {weight_format}")
+        family = load_family(source, encoder_precision=encoder_precision)
+        return cls(family, weight_format=weight_format, num_threads=num_threads, device=device)
 
     def runner(self, kind: str) -> Runner:
         if kind not in self._runners:

@@ -29,7 +29,7 @@ from urllib.parse import quote, urljoin, urlparse
 import yaml
 
 from usam_bioimageio import registry, settings
-from usam_bioimageio.errors import ChecksumError, PackageError, UntrustedPackageError
+from usam_bioimageio.errors import ChecksumError, PackageError, UntrustedPackageError, UsageError
 from usam_bioimageio.io.download import fetch, sha256_of
 from usam_bioimageio.settings import cache_dir
 
@@ -38,6 +38,7 @@ RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 BIOIMAGEIO_RDF_NAMES = ("rdf.yaml", "bioimageio.yaml", "model.yaml")
 FAMILY_FILE = "family.yaml"
 KINDS = ("image_encoder", "prompt_decoder", "ais", "ais_head")
+ENCODER_PRECISIONS = ("fp32", "int8", "fp16")
 IDENTITY_FORMATS = ("onnx", "torchscript", "pytorch_state_dict")
 # the packages that take the image encoder's embeddings (the end-to-end ``ais`` holds its own encoder)
 EMBEDDING_CONSUMERS = ("prompt_decoder", "ais_head")
@@ -106,9 +107,22 @@ class Package:
         return str(self.rdf["weights"][weight_format].get("sha256", ""))
 
     @property
+    def precision(self) -> str:
+        """"fp32", or the reduced precision of an encoder variant (``config.usam.precision``: int8, fp16)."""
+        return str(self.config.get("precision", "fp32"))
+
+    @property
     def identity(self) -> str:
         """What embeddings and siblings are checked against: the sha256 of the package's weights, of the first
-        format it has of ONNX, torchscript, pytorch_state_dict (an ONNX-holding encoder: its ONNX weights)."""
+        format it has of ONNX, torchscript, pytorch_state_dict (an ONNX-holding encoder: its ONNX weights). A
+        reduced-precision encoder variant: its fp32 encoder's identity + "+int8" (or "+fp16"), so that the
+        family's decoders take its embeddings while caches keep them apart from the fp32 encoder's."""
+        if self.precision != "fp32":
+            reference = str(self.config.get("reference_identity") or "")
+            if not reference:
+                raise PackageError(f"package {self.name!r} is a {self.precision} variant that records no "
+                                   "reference_identity (config.usam)")
+            return f"{reference}+{self.precision}"
         for fmt in IDENTITY_FORMATS:
             if fmt in self.weight_formats and self.weights_sha256(fmt):
                 return self.weights_sha256(fmt)
@@ -604,12 +618,16 @@ def load_package(source: Union[str, os.PathLike], *, sha256: Optional[str] = Non
     return package
 
 
-def load_family(source: Union[str, os.PathLike]) -> Family:
+def load_family(source: Union[str, os.PathLike], *, encoder_precision: str = "fp32") -> Family:
     """Load every package of a family from a folder (with family.yaml, or all zips/packages in it).
 
     family.yaml lists each member's file and sha256; a member whose hash differs is refused. Members
-    must agree on the image encoder they were exported with.
+    must agree on the image encoder they were exported with. ``encoder_precision`` "int8" / "fp16": the
+    family's reduced-precision encoder variant (family.yaml ``variants``, written by ``usam export
+    --encoder-variants``) in place of its fp32 encoder.
     """
+    if encoder_precision not in ENCODER_PRECISIONS:
+        raise UsageError(f"encoder precision must be one of {', '.join(ENCODER_PRECISIONS)}, not {encoder_precision!r}")
     folder = Path(source).expanduser()
     if not folder.is_dir():
         package = load_package(source)
@@ -631,9 +649,30 @@ def load_family(source: Union[str, os.PathLike]) -> Family:
             packages[package.kind] = package
     if not packages:
         raise PackageError(f"{folder} holds no usam-bioimageio packages")
+    if encoder_precision != "fp32":
+        packages["image_encoder"] = _encoder_variant(folder, packages.get("image_encoder"), encoder_precision)
     family = Family(packages)
     check_siblings(family)
     return family
+
+
+def _encoder_variant(folder: Path, encoder: Optional[Package], precision: str) -> Package:
+    """The ``precision`` variant of the family's fp32 ``encoder`` listed in family.yaml (``variants``)."""
+    manifest = folder / FAMILY_FILE
+    data = yaml.safe_load(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+    entry = ((data or {}).get("variants") or {}).get("image_encoder", {}).get(precision) if isinstance(data, dict) \
+        else None
+    if encoder is None or not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise PackageError(f"{folder} has no {precision} image encoder (family.yaml variants; written by "
+                           "`usam export --encoder-variants`)")
+    check_source(entry["file"], f"variants.image_encoder.{precision}.file", str(manifest))
+    variant = load_package(folder / entry["file"], sha256=entry.get("sha256"))
+    if variant.kind != "image_encoder" or variant.precision != precision:
+        raise PackageError(f"{entry['file']} is not a {precision} image encoder (kind {variant.kind!r}, precision "
+                           f"{variant.precision!r})")
+    if variant.identity.split("+")[0] != encoder.identity:
+        raise PackageError(f"{entry['file']} is a variant of another image encoder than the family's")
+    return variant
 
 
 def _read_manifest(manifest: Path) -> Dict[str, Tuple[str, Optional[str]]]:
@@ -666,7 +705,7 @@ def check_encoder(package: Package, identity: str, what: str) -> None:
     if not expected:
         raise PackageError(f"{package.name!r} records no image encoder identity (config.usam.image_encoder."
                            "identity): re-export it with `usam export`")
-    if identity and identity != expected:
+    if identity and identity.split("+")[0] != expected:  # "+int8": a reduced-precision variant of that encoder
         raise PackageError(f"{package.name!r} was exported for another image encoder ({expected[:12]}...) than "
                            f"{what} ({identity[:12]}...): packages of different models are mixed")
 
