@@ -92,30 +92,24 @@ def _images(n: int):
     return [(i[:8], np.asarray(read_image(DSB / "images" / f"{i}.png"))) for i in ids]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-type", default="vit_t", choices=["vit_t", "vit_b"])
-    parser.add_argument("--images", type=int, default=3, help="number of DSB2018 test images")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/usam-bench-ais"))
-    parser.add_argument("--micro-sam-python", default="/tmp/usam-ais-ref/bin/python")
-    parser.add_argument("--out", type=Path, default=None, help="append the Markdown section to this file")
-    args = parser.parse_args()
-
+def run(*, model_type: str, n_images: int, repeats: int, threads: int, workdir: Path,
+        micro_sam_python: str) -> dict:
+    """Both sides on the same images: per image median seconds, object counts, identical labels; ``section``
+    is the Markdown section; ``checkpoint`` / ``family`` the files it used (for other benchmarks)."""
     from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
     from usam_bioimageio.embeddings.compute import compute_embeddings
     from usam_bioimageio.runtime.model import SamModel
 
-    folder = args.workdir / args.model_type
-    checkpoint = _checkpoint(args.model_type, folder)
-    model = SamModel.load(_family(checkpoint, args.model_type, folder), num_threads=args.threads)
-    images = _images(args.images)
+    folder = workdir / model_type
+    checkpoint = _checkpoint(model_type, folder)
+    family = _family(checkpoint, model_type, folder)
+    model = SamModel.load(family, num_threads=threads)
+    images = _images(n_images)
     ours = []
     for name, image in images:
         emb = compute_embeddings(model, image)
         times = []
-        for _ in range(args.repeats + 1):
+        for _ in range(repeats + 1):
             t = time.perf_counter()
             labels = automatic_instance_segmentation(model, image, embeddings=emb)
             times.append(time.perf_counter() - t)
@@ -125,32 +119,32 @@ def main() -> None:
     for k, (_, image) in enumerate(images):
         paths.append(str(folder / f"image_{k}.npy"))
         np.save(paths[-1], image)
-    params = {"root": str(ROOT), "model_type": args.model_type, "checkpoint": str(checkpoint), "images": paths,
-              "repeats": args.repeats, "threads": args.threads, "labels": str(folder / "musam_labels")}
-    proc = subprocess.run([args.micro_sam_python, "-c", MICRO_SAM, json.dumps(params)], capture_output=True,
+    params = {"root": str(ROOT), "model_type": model_type, "checkpoint": str(checkpoint), "images": paths,
+              "repeats": repeats, "threads": threads, "labels": str(folder / "musam_labels")}
+    proc = subprocess.run([micro_sam_python, "-c", MICRO_SAM, json.dumps(params)], capture_output=True,
                           text=True, cwd=ROOT)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
     if proc.returncode or not line:
-        raise SystemExit(f"µSAM's path failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"µSAM's path failed:\n{proc.stderr[-3000:]}")
     theirs = json.loads(line[0][len("RESULT"):])
 
-    rows = []
+    rows, identical = [], []
     for k, ((name, image), (ours_s, labels)) in enumerate(zip(images, ours)):
         ref = np.load(folder / f"musam_labels_{k}.npy")
         ref_s = statistics.median(theirs["seconds"][k])
-        same = np.array_equal(labels, ref)
+        identical.append(bool(np.array_equal(labels, ref)))
         agree = float(np.mean(labels == ref))
         rows.append(f"| {name} {image.shape[1]}x{image.shape[0]} | {ref_s * 1000:.0f} | {ours_s * 1000:.0f} | "
                     f"{ref_s / ours_s:.1f}x | {int(ref.max())} / {int(labels.max())} | "
-                    f"{'identical' if same else f'{agree:.4%} of pixels'} |")
+                    f"{'identical' if identical[-1] else f'{agree:.4%} of pixels'} |")
     total_ref = sum(statistics.median(s) for s in theirs["seconds"])
     total_ours = sum(s for s, _ in ours)
     section = "\n".join([
-        f"## AIS from cached embeddings, {args.model_type} ({time.strftime('%Y-%m-%d %H:%M')}, "
+        f"## AIS from cached embeddings, {model_type} ({time.strftime('%Y-%m-%d %H:%M')}, "
         f"load {open('/proc/loadavg').read().split()[0]})",
         "",
-        f"`benchmarks/bench_ais.py`: seeded random {args.model_type} + UNETR decoder (one µSAM checkpoint), "
-        f"DSB2018 test images, {args.threads} threads, median of {args.repeats} after a warm-up. µSAM = micro-sam "
+        f"`benchmarks/bench_ais.py`: seeded random {model_type} + UNETR decoder (one µSAM checkpoint), "
+        f"DSB2018 test images, {threads} threads, median of {repeats} after a warm-up. µSAM = micro-sam "
         "1.8.14 `InstanceSegmentationWithDecoder.initialize(image, image_embeddings) + generate()`; ours = "
         "`automatic_instance_segmentation(model, image, embeddings=...)` (AIS head ONNX + post-processing). "
         f"Host: {platform.machine()}, Python {platform.python_version()}.",
@@ -161,10 +155,30 @@ def main() -> None:
         f"| all | {total_ref * 1000:.0f} | {total_ours * 1000:.0f} | {total_ref / total_ours:.1f}x | | |",
         "",
     ])
-    print(section)
+    return {"reference_seconds": total_ref, "ours_seconds": total_ours, "speedup": total_ref / total_ours,
+            "identical_labels": sum(identical), "n_images": len(images), "section": section,
+            "checkpoint": str(checkpoint), "family": str(family)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", default="vit_t", choices=["vit_t", "vit_b"])
+    parser.add_argument("--images", type=int, default=3, help="number of DSB2018 test images")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/usam-bench-ais"))
+    parser.add_argument("--micro-sam-python", default="/tmp/usam-ais-ref/bin/python")
+    parser.add_argument("--out", type=Path, default=None, help="append the Markdown section to this file")
+    args = parser.parse_args()
+    try:
+        result = run(model_type=args.model_type, n_images=args.images, repeats=args.repeats, threads=args.threads,
+                     workdir=args.workdir, micro_sam_python=args.micro_sam_python)
+    except RuntimeError as e:
+        raise SystemExit(str(e))
+    print(result["section"])
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + section)
+            f.write("\n" + result["section"])
 
 
 if __name__ == "__main__":

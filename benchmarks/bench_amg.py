@@ -100,7 +100,7 @@ def _match(ours, reference) -> tuple:
     return len(ours) == len(reference), (min(ious) if ious else 1.0)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-type", default="vit_t", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
     parser.add_argument("--family", type=Path, help="exported family folder (default: a seeded random model)")
@@ -116,7 +116,16 @@ def main(argv=None) -> int:
     parser.add_argument("--box-nms-thresh", type=float, default=0.7)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and ONNX Runtime")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Medians of both sides (``speedup`` = reference / ours), mask counts, the printed lines (``log``)."""
+    lines = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
 
     import torch
 
@@ -131,7 +140,7 @@ def main(argv=None) -> int:
         family, state = _random_family(args.model_type, args.workdir)
     else:
         if not args.checkpoint:
-            parser.error("--family needs --checkpoint (the weights for the reference)")
+            raise SystemExit("--family needs --checkpoint (the weights for the reference)")
         from usam_bioimageio.training.checkpoints import load_checkpoint
 
         family, state = args.family, load_checkpoint(args.checkpoint, model_type=args.model_type).sam_state
@@ -146,7 +155,7 @@ def main(argv=None) -> int:
     embeddings = compute_embeddings(model, image)
     reference = _reference_generator(args.model_type, state, usam_to_image(image), params)
     image_u8 = usam_to_image(image)
-    print(f"{args.model_type}, image {args.image.name} {image.shape} {image.dtype}, {params}", flush=True)
+    log(f"{args.model_type}, image {args.image.name} {image.shape} {image.dtype}, {params}")
 
     times = {"ours": [], "reference": []}
     cpu = {"ours": [], "reference": []}
@@ -161,15 +170,22 @@ def main(argv=None) -> int:
                     results[name] = reference.generate(image_u8)
             times[name].append(time.perf_counter() - wall)
             cpu[name].append(time.process_time() - proc)
-            print(f"  repeat {repeat}: {name:9s} {times[name][-1]:7.2f} s wall, {cpu[name][-1]:7.2f} s CPU, "
-                  f"{len(results[name])} masks", flush=True)
+            log(f"  repeat {repeat}: {name:9s} {times[name][-1]:7.2f} s wall, {cpu[name][-1]:7.2f} s CPU, "
+                f"{len(results[name])} masks")
     same_count, min_iou = _match(results["ours"], results["reference"])
     ours, ref = statistics.median(times["ours"]), statistics.median(times["reference"])
     ours_cpu, ref_cpu = statistics.median(cpu["ours"]), statistics.median(cpu["reference"])
-    print(f"masks: ours {len(results['ours'])}, reference {len(results['reference'])}, "
-          f"same count {same_count}, min IoU in order {min_iou:.5f}")
-    print(f"median wall: ours {ours:.2f} s, reference {ref:.2f} s, speed-up {ref / ours:.2f}x")
-    print(f"median CPU:  ours {ours_cpu:.2f} s, reference {ref_cpu:.2f} s, ratio {ref_cpu / ours_cpu:.2f}x")
+    log(f"masks: ours {len(results['ours'])}, reference {len(results['reference'])}, "
+        f"same count {same_count}, min IoU in order {min_iou:.5f}")
+    log(f"median wall: ours {ours:.2f} s, reference {ref:.2f} s, speed-up {ref / ours:.2f}x")
+    log(f"median CPU:  ours {ours_cpu:.2f} s, reference {ref_cpu:.2f} s, ratio {ref_cpu / ours_cpu:.2f}x")
+    return {"ours_seconds": ours, "reference_seconds": ref, "speedup": ref / ours, "masks_ours": len(results["ours"]),
+            "masks_reference": len(results["reference"]), "same_count": same_count, "min_iou_in_order": min_iou,
+            "log": lines}
+
+
+def main(argv=None) -> int:
+    run(_parser().parse_args(argv))
     return 0
 
 

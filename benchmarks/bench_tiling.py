@@ -29,7 +29,12 @@ MODEL_TYPE = "vit_t"  # default of --model-type
 TILE, HALO = 1024, 256
 
 OURS = r"""
-import json, resource, sys, time
+import json, sys, time
+
+def peak_rss_gb():  # VmHWM: this program's own peak (ru_maxrss keeps the forking parent's across exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024 ** 2
+
 import numpy as np
 args = json.loads(sys.argv[1])
 from usam_bioimageio.runtime.model import SamModel
@@ -40,12 +45,17 @@ t = time.perf_counter()
 emb = compute_tiled_embeddings(model, image, tile_shape=args["tile"], halo=args["halo"], cache=args["cache"],
                                progress=False)
 out = {"seconds": time.perf_counter() - t, "tiles": len(emb),
-       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}
+       "peak_rss_gb": peak_rss_gb()}
 print("RESULT" + json.dumps(out))
 """
 
 MICRO_SAM = r"""
-import json, resource, sys, time
+import json, sys, time
+
+def peak_rss_gb():  # VmHWM: this program's own peak (ru_maxrss keeps the forking parent's across exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024 ** 2
+
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["root"] + "/scripts")
 from micro_sam_env import refresh_attention_bias_cache, setup_imports  # torchvision stand-ins
@@ -62,7 +72,7 @@ with torch.no_grad():
     precompute_image_embeddings(predictor, image, save_path=args["cache"], tile_shape=(args["tile"],) * 2,
                                 halo=(args["halo"],) * 2, verbose=False)
 out = {"seconds": time.perf_counter() - t,
-       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}
+       "peak_rss_gb": peak_rss_gb()}
 print("RESULT" + json.dumps(out))
 """
 

@@ -28,6 +28,8 @@ PIP=("$VENV/bin/python" -m pip install -q)
 # What importing micro_sam.instance_segmentation (-> micro_sam.util, torch_em, elf) needs.
 "${PIP[@]}" "bioimage-cpp==0.9.0" numpy scipy scikit-image scikit-learn zarr imageio tifffile pooch \
   xxhash tqdm h5py matplotlib requests imagecodecs kornia pandas
+# What micro_sam.automatic_segmentation (its command, benchmarks/bench_folder.py) adds: torch_em's datasets.
+"${PIP[@]}" natsort xarray
 
 # torchvision: only if a build matching the installed torch imports.
 if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then

@@ -1046,6 +1046,41 @@ def test_ais_folder_checks_every_image_then_writes_every_result(tmp_path, capsys
     assert sorted(p.name for p in (ws.root / "ov").iterdir()) == [f"{s}.png" for s in "abcde"]
 
 
+def test_ais_folder_pipeline_keeps_each_image_with_its_own_result(tmp_path, capsys, monkeypatch):
+    """The next image's embeddings are computed while this one is segmented: every result is its own image's;
+    an image failing midway is one error line, the results before it stay written, none after it."""
+    import usam_bioimageio.automatic.ais.decoder as decoder
+    import usam_bioimageio.cli.automatic as automatic
+    from usam_bioimageio.runtime.model import SamModel
+
+    monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(SamModel, "load", classmethod(lambda cls, *args, **kwargs: object()))
+
+    def embeddings(model, image, *args, **kwargs):
+        if int(image[0, 0]) == 4:
+            raise ValueError("image 4 cannot be embedded")
+        return int(image[0, 0])  # stands for this image's embeddings
+
+    monkeypatch.setattr(automatic, "_embeddings_for_job", embeddings)
+    monkeypatch.setattr(decoder, "automatic_instance_segmentation",
+                        lambda model, image, embeddings, **kwargs: np.full(image.shape, 10 * embeddings + image[0, 0],
+                                                                           np.uint32))
+    ws = Workspace(tmp_path / "ws")
+    values = [1, 2, 3, 5]
+    for k, v in enumerate(values):
+        ws.write(f"images/{k}.tif", np.full((H, W), v, np.uint16))
+    assert main(ws.auto("ais", image="images", out="out")) == 0
+    for k, v in enumerate(values):
+        assert np.all(tifffile.imread(ws.root / "out" / f"{k}.tif") == 11 * v)
+    ws.write("images/3.tif", np.full((H, W), 4, np.uint16))
+    ws.write("images/4.tif", np.full((H, W), 6, np.uint16))
+    capsys.readouterr()
+    assert main(ws.auto("ais", image="images", out="out2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image 4 cannot be embedded" in err[0]
+    assert sorted(p.name for p in (ws.root / "out2").iterdir()) == ["0.tif", "1.tif", "2.tif"]
+
+
 def test_train_output_resumed_or_overwritten(tmp_path):
     """A non-empty --output is taken when resuming from a checkpoint in it, or with --overwrite."""
     from usam_bioimageio.cli.train import check_train_output

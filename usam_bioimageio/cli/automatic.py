@@ -142,6 +142,8 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
 def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> int:
     """Shared driver of ``usam ais`` / ``usam amg``: ``segment(model, image, embeddings, progress)`` -> labels; one
     file holding a stack (z, y, x) is segmented in 3D (``method``, ``params``: :func:`run_volume`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     from usam_bioimageio.io.overlay import overlay
@@ -179,20 +181,30 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
     if jobs[0][3] is not None:
         check_embeddings_for(jobs[0][3], first)
     model = load_model(args)
+    images = {0: first}  # the first image, read above, until its job takes it
+
+    def prepare(k: int):
+        path, _, _, embeddings = jobs[k]
+        image = images.pop(k) if k in images else read_image_2d(path, f"usam {args.command}")
+        return image, _embeddings_for_job(model, image, embeddings, args, progress=single and not args.quiet)
+
     summary = []
-    for k, (path, out, overlay_path, embeddings) in enumerate(tqdm(jobs, desc=f"usam {args.command}", unit="image",
-                                                                   disable=args.quiet or single)):
-        image = first if k == 0 else read_image_2d(path, f"usam {args.command}")
-        first = None  # not kept while the other images are processed
-        emb = _embeddings_for_job(model, image, embeddings, args, progress=single and not args.quiet)
-        labels = segment(model, image, emb, single and not args.quiet)
-        # known only now: a PNG holds up to 65535 labels; refused before this image's label or overlay file
-        check_label_count(Output("--out", out, "labels"), int(labels.max()) if labels.size else 0)
-        rgb = overlay(image, labels) if overlay_path is not None else None
-        write_labels(out, labels)
-        if rgb is not None:
-            write_overlay(overlay_path, rgb)
-        summary.append(f"wrote {out} ({int(labels.max())} objects)")
+    # a folder is a pipeline: the next image's embeddings are computed (encoder, ONNX Runtime's threads, GIL
+    # released) while this image's decoder and post-processing (mostly one thread) run
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, 0)
+        for k, (path, out, overlay_path, _) in enumerate(tqdm(jobs, desc=f"usam {args.command}", unit="image",
+                                                              disable=args.quiet or single)):
+            image, emb = pending.result()
+            pending = pool.submit(prepare, k + 1) if k + 1 < len(jobs) else None
+            labels = segment(model, image, emb, single and not args.quiet)
+            # known only now: a PNG holds up to 65535 labels; refused before this image's label or overlay file
+            check_label_count(Output("--out", out, "labels"), int(labels.max()) if labels.size else 0)
+            rgb = overlay(image, labels) if overlay_path is not None else None
+            write_labels(out, labels)
+            if rgb is not None:
+                write_overlay(overlay_path, rgb)
+            summary.append(f"wrote {out} ({int(labels.max())} objects)")
     print("\n".join(summary))
     return 0
 
