@@ -138,6 +138,37 @@ def prompt_case_mask(data: Path, case):
     return np.pad(tifffile.imread(data / LABELS)[z, y0:y1, x0:x1] == obj, pad)
 
 
+def _cases(predictor, embeddings, gt, from_mask_names, volume_cases: dict, prefix: str, arrays: dict) -> dict:
+    """micro-sam's segment_from_mask and segment_mask_in_volume cases on these embeddings: the masks into
+    ``arrays`` (keys ``prefix + from_mask_NAME`` / ``prefix + volume_NAME_PROJECTION``), their sizes as meta."""
+    from micro_sam.multi_dimensional_segmentation import segment_mask_in_volume
+    from micro_sam.prompt_based_segmentation import segment_from_mask
+
+    meta = {"from_mask": {}, "volume": {}}
+    for name in from_mask_names:
+        mask = segment_from_mask(predictor, gt[FROM_MASK_SLICE].astype("uint8"), image_embeddings=embeddings,
+                                 i=FROM_MASK_SLICE, **FROM_MASK_CASES[name])
+        arrays[f"{prefix}from_mask_{name}"] = np.packbits(np.asarray(mask[0], bool))
+        meta["from_mask"][name] = int(mask.sum())
+        print(f"{prefix}from_mask {name}: {int(mask.sum())} px (gt {int(gt[FROM_MASK_SLICE].sum())})")
+    for name, (annotated, iou, stop_lower, stop_upper, ext, projections) in volume_cases.items():
+        for projection in projections:
+            seg = np.zeros(gt.shape, "uint8")
+            seg[annotated] = gt[annotated]
+            seg, (z_min, z_max) = segment_mask_in_volume(
+                seg, predictor, embeddings, np.array(annotated), stop_lower=stop_lower, stop_upper=stop_upper,
+                iou_threshold=iou, projection=projection, box_extension=ext)
+            key = f"{name}_{projection}"
+            arrays[f"{prefix}volume_{key}"] = np.packbits(seg.astype(bool))
+            meta["volume"][key] = {
+                "annotated": annotated, "iou_threshold": iou, "stop_lower": stop_lower, "stop_upper": stop_upper,
+                "box_extension": ext, "projection": projection, "z_range": [int(z_min), int(z_max)],
+                "pixels_per_slice": seg.astype(bool).sum(axis=(1, 2)).tolist(),
+            }
+            print(f"{prefix}volume {key}: z {z_min}..{z_max}, px {meta['volume'][key]['pixels_per_slice']}")
+    return meta
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
@@ -147,9 +178,8 @@ def main() -> None:
 
     import torch
     from micro_sam import util
-    from micro_sam.multi_dimensional_segmentation import segment_mask_in_volume
     from micro_sam.prompt_based_segmentation import (_compute_box_from_mask, _compute_logits_from_mask,
-                                                     _compute_points_from_mask, segment_from_mask)
+                                                     _compute_points_from_mask)
 
     from usam_bioimageio.modeling import seeded_sam
 
@@ -205,50 +235,13 @@ def main() -> None:
         meta["embeddings_abs_mean"] = [float(np.abs(np.asarray(embeddings["features"][z])).mean())
                                        for z in range(len(volume))]
 
-        for name, kwargs in FROM_MASK_CASES.items():
-            mask = segment_from_mask(predictor, gt[FROM_MASK_SLICE].astype("uint8"), image_embeddings=embeddings,
-                                     i=FROM_MASK_SLICE, **kwargs)
-            arrays[f"from_mask_{name}"] = np.packbits(np.asarray(mask[0], bool))
-            print(f"from_mask {name}: {int(mask.sum())} px (gt {int(gt[FROM_MASK_SLICE].sum())})")
-
-        for name, (annotated, iou, stop_lower, stop_upper, ext, projections) in VOLUME_CASES.items():
-            for projection in projections:
-                seg = np.zeros(volume.shape, "uint8")
-                seg[annotated] = gt[annotated]
-                seg, (z_min, z_max) = segment_mask_in_volume(
-                    seg, predictor, embeddings, np.array(annotated), stop_lower=stop_lower, stop_upper=stop_upper,
-                    iou_threshold=iou, projection=projection, box_extension=ext)
-                key = f"{name}_{projection}"
-                arrays[f"volume_{key}"] = np.packbits(seg.astype(bool))
-                meta["volume"][key] = {
-                    "annotated": annotated, "iou_threshold": iou, "stop_lower": stop_lower, "stop_upper": stop_upper,
-                    "box_extension": ext, "projection": projection, "z_range": [int(z_min), int(z_max)],
-                    "pixels_per_slice": seg.astype(bool).sum(axis=(1, 2)).tolist(),
-                }
-                print(f"volume {key}: z {z_min}..{z_max}, px {meta['volume'][key]['pixels_per_slice']}")
-
+        untiled = _cases(predictor, embeddings, gt, list(FROM_MASK_CASES), VOLUME_CASES, "", arrays)
+        meta["volume"] = untiled["volume"]
         # the same on tiled embeddings
         tiled = util.precompute_image_embeddings(predictor, volume, ndim=3, tile_shape=TILE, halo=HALO,
                                                  verbose=False)
-        meta["tiled"] = {"tile_shape": list(TILE), "halo": list(HALO), "from_mask": {}, "volume": {}}
-        for name in TILED_FROM_MASK_CASES:
-            mask = segment_from_mask(predictor, gt[FROM_MASK_SLICE].astype("uint8"), image_embeddings=tiled,
-                                     i=FROM_MASK_SLICE, **FROM_MASK_CASES[name])
-            arrays[f"tiled_from_mask_{name}"] = np.packbits(np.asarray(mask[0], bool))
-            meta["tiled"]["from_mask"][name] = int(mask.sum())
-            print(f"tiled from_mask {name}: {int(mask.sum())} px")
-        for name, (annotated, iou, stop_lower, stop_upper, ext, projections) in TILED_VOLUME_CASES.items():
-            for projection in projections:
-                seg = np.zeros(volume.shape, "uint8")
-                seg[annotated] = gt[annotated]
-                seg, (z_min, z_max) = segment_mask_in_volume(
-                    seg, predictor, tiled, np.array(annotated), stop_lower=stop_lower, stop_upper=stop_upper,
-                    iou_threshold=iou, projection=projection, box_extension=ext)
-                key = f"{name}_{projection}"
-                arrays[f"tiled_volume_{key}"] = np.packbits(seg.astype(bool))
-                meta["tiled"]["volume"][key] = {"z_range": [int(z_min), int(z_max)],
-                                                "pixels_per_slice": seg.astype(bool).sum(axis=(1, 2)).tolist()}
-                print(f"tiled volume {key}: z {z_min}..{z_max}, px {meta['tiled']['volume'][key]['pixels_per_slice']}")
+        meta["tiled"] = {"tile_shape": list(TILE), "halo": list(HALO),
+                         **_cases(predictor, tiled, gt, TILED_FROM_MASK_CASES, TILED_VOLUME_CASES, "tiled_", arrays)}
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out_dir / "results.npz", **arrays)
