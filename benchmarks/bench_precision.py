@@ -98,7 +98,12 @@ def main() -> None:
               "variants": {}}
     for precision in args.precisions:
         if precision not in (manifest.get("variants") or {}).get("image_encoder", {}):
-            write_encoder_variant(args.family, precision)
+            try:
+                write_encoder_variant(args.family, precision)
+            except ValueError as e:  # the exporter's own refusal (e.g. fp16 overflowing): recorded, not measured
+                report["variants"][precision] = {"not_written": str(e)}
+                print(f"{precision}: {e}", flush=True)
+                continue
         result = measure(args.family, precision, args.n, args.repeats)
         report["variants"][precision] = result
         if args.write_docs:
