@@ -15,16 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from child import PEAK_RSS  # benchmarks/child.py (the script's folder is on the path)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 IMAGE = DATA / "bacteria_tracking" / "data" / "bacteria" / "img" / "t000000.tif"  # 1305 x 1009, real
 
-CHILD = r"""
+CHILD = PEAK_RSS + r"""
 import json, sys, time
-
-def peak_rss_gb():  # VmHWM: this program's own peak (ru_maxrss keeps the forking parent's across exec)
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024 ** 2
 
 import numpy as np
 sys.path.insert(0, {tests!r})

@@ -33,13 +33,11 @@ multimask output and fails on an empty mask; here an empty mask (``allow_empty``
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import numpy as np
 
 from usam_bioimageio import registry
-from typing import Union
-
 from usam_bioimageio.embeddings.types import Embeddings, TiledEmbeddings
 from usam_bioimageio.errors import InputError
 from usam_bioimageio.filters import gaussian_smoothing
