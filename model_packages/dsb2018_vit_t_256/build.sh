@@ -8,7 +8,8 @@
 #           instance and batch norms on other statistics than the whole frame gives at inference: measured, the
 #           block-trained decoder marks background as foreground on whole frames).
 #   stage 2 (--stage prompts): prompt encoder + mask decoder on stage 1's best encoder (frozen), µSAM's iterative
-#           prompting (point / box, then corrective points), class-balanced BCE + IoU MSE.
+#           prompting (point / box, then corrective points), class-balanced BCE + µSAM's Dice (--mask-dice 1: the
+#           balanced BCE starts the untrained decoder, the Dice term rewards whole-object overlap) + IoU MSE.
 #   Half the samples are in the runtime's frame (--frame-prob 0.5: the whole image resized to 256, as usam ais /
 #   segment see it), half native-resolution crops; stage 1 keeps best.pt by the AIS mSA of 16 `val` images
 #   (--val-msa), with the encoder's BatchNorm statistics recalibrated before each validation.
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/../.."
 DATA=${USAM_DATA:-../shared/data}
 OUT=${OUT:-out/dsb2018_vit_t_256}
 STEPS_AIS=${STEPS_AIS:-6000}
-STEPS_PROMPTS=${STEPS_PROMPTS:-350}
+STEPS_PROMPTS=${STEPS_PROMPTS:-1000}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 resume() { if [ -f "$1/latest.pt" ]; then echo "$1/latest.pt"; else echo "$2"; fi; }
@@ -31,6 +32,6 @@ AIS_FROM=$(resume "$OUT/ais" "")
   --steps "$STEPS_AIS" --lr 3e-4 --warmup 50 --ais-min-size 5 --val-msa --checkpoint-every 250 --val-every 500
 .venv/bin/usam train "${COMMON[@]}" --stage prompts --output "$OUT/prompts" \
   --checkpoint "$(resume "$OUT/prompts" "$OUT/ais/best.pt")" \
-  --steps "$STEPS_PROMPTS" --lr 5e-4 --warmup 50 --n-objects 16 --n-iterations 3 --checkpoint-every 50 \
+  --steps "$STEPS_PROMPTS" --lr 5e-4 --warmup 50 --n-objects 16 --n-iterations 3 --mask-dice 1 --checkpoint-every 50 \
   --val-every 50
 .venv/bin/python scripts/compact_checkpoint.py "$OUT/prompts/best.pt" model_packages/dsb2018_vit_t_256/vit_t_256_dsb2018.pt

@@ -87,28 +87,56 @@ class MaskDecoder(nn.Module):
     ) -> Tuple[Tensor, Tensor]:
         """All ``num_mask_tokens`` masks (B, T, 4h, 4w) and IoU predictions (B, T).
 
-        image_embeddings / image_pe: (1 or B, C, h, w), repeated to the B prompt sets;
+        image_embeddings / image_pe: (1 or B, C, h, w), the same image for the B prompt sets;
         sparse: (B, N, C); dense: (B, C, h, w).
         """
+        h, w = dense_prompt_embeddings.shape[-2:]
+        # SAM repeats the image per prompt set; a broadcast add gives the same sums without the copies.
+        keys = (image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2)
+        return self.predict_masks_tokens(keys, image_pe.flatten(2).transpose(1, 2), sparse_prompt_embeddings, (h, w))
+
+    def predict_masks_tokens(
+        self, keys: Tensor, key_pe: Tensor, sparse_prompt_embeddings: Tensor, grid: Tuple[int, int]
+    ) -> Tuple[Tensor, Tensor]:
+        """:meth:`predict_masks` on image tokens: keys = image + dense prompt embeddings (B, h * w, C) and
+        key_pe (1 or B, h * w, C) in row-major order of the (h, w) ``grid``."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-        # One copy of the image per prompt set.
-        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0)
-        src = src + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
-        b, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer.forward_tokens(keys, key_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
-        upscaled = self.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
         hyper_in_list: List[Tensor] = [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)]
-        hyper_in = torch.stack(hyper_in_list, dim=1)
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-
+        masks = self._upscaled_masks(src, torch.stack(hyper_in_list, dim=1), grid)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
+
+    def _upscaled_masks(self, src: Tensor, hyper_in: Tensor, grid: Tuple[int, int]) -> Tensor:
+        """``output_upscaling`` of the image tokens src (B, h * w, C), then one mask per hypernetwork output
+        hyper_in (B, T, C / 8): (B, T, 4h, 4w).
+
+        The same products as SAM's two 2 x 2 stride-2 transposed convolutions, computed channels-last: a
+        non-overlapping transposed convolution is a matrix product to 2 x 2 x C_out values per input pixel.
+        Done per output row offset dy (one GEMM per dy, over all pixels), the values of each dy come out in
+        row-major order within their rows: ``(y, x, dx)``. So the masks of the four (dy1, dy2) need only be
+        stacked as rows 4y + 2 dy1 + dy2: no transposes of the wide image tensors (measured in ONNX
+        Runtime: ConvTranspose ran at half the GEMM rate, NCHW needed a transpose of the tokens and a
+        sub-pixel shuffle of the masks cost as much as a GEMM). LayerNorm over channels is F.layer_norm on
+        the last axis (``LayerNorm2d``'s normalisation, rounded differently: ~1e-8 on the masks).
+        """
+        deconv1, norm, act1, deconv2, act2 = self.output_upscaling
+        b, _, c = src.shape
+        h, w = grid
+        c1, c2 = deconv1.weight.shape[1], deconv2.weight.shape[1]
+        rows = []
+        for dy1 in range(2):
+            # weight (C_in, C_out, dy, dx) at dy -> (C_in, dx * C_out), columns ordered (dx, c_out)
+            w1 = deconv1.weight[:, :, dy1, :].permute(0, 2, 1).reshape(c, 2 * c1)
+            x1 = F.linear(src, w1.t(), deconv1.bias.repeat(2)).reshape(b, h * w * 2, c1)  # rows (y, x, dx1)
+            x1 = act1(F.layer_norm(x1, (c1,), norm.weight, norm.bias, norm.eps))
+            for dy2 in range(2):
+                w2 = deconv2.weight[:, :, dy2, :].permute(0, 2, 1).reshape(c1, 2 * c2)
+                x2 = act2(F.linear(x1, w2.t(), deconv2.bias.repeat(2))).reshape(b, h * w * 4, c2)
+                rows.append((hyper_in @ x2.transpose(1, 2)).reshape(b, -1, h, 4 * w))  # columns 4x + 2 dx1 + dx2
+        return torch.stack(rows, dim=3).reshape(b, -1, 4 * h, 4 * w)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usam_bioimageio import registry
@@ -80,15 +81,21 @@ class PromptDecoderModel(nn.Module):
         coords = (point_coords.to(torch.float64) * scale).to(torch.float32)
         sparse = self._embed_points(coords, point_labels)
 
-        has_mask = has_mask_input.reshape(-1, 1, 1, 1)
-        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = has_mask * self.prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask) * no_mask
+        # Image tokens (h * w, C) throughout: the mask prompt's last (1 x 1) convolution is a product on
+        # channels-last pixels, so no per-object (C, h, w) tensor is transposed (see MaskDecoder._upscaled_masks).
+        downscaling = self.prompt_encoder.mask_downscaling
+        mask_features = downscaling[:-1](mask_input)
+        mask_tokens = F.linear(mask_features.flatten(2).transpose(1, 2), downscaling[-1].weight.flatten(1),
+                               downscaling[-1].bias)
+        has_mask = has_mask_input.reshape(-1, 1, 1)
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1)
+        dense = has_mask * mask_tokens + (1 - has_mask) * no_mask
 
-        masks, iou = self.mask_decoder.predict_masks(
-            image_embeddings=embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+        masks, iou = self.mask_decoder.predict_masks_tokens(
+            keys=embeddings.flatten(2).transpose(1, 2) + dense,
+            key_pe=self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2),
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            grid=tuple(self.prompt_encoder.image_embedding_size),
         )
         return iou, masks
 

@@ -131,6 +131,10 @@ class TwoWayTransformer(nn.Module):
         """
         keys = image_embedding.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        return self.forward_tokens(keys, key_pe, point_embedding)
+
+    def forward_tokens(self, keys: Tensor, key_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`forward` on image tokens: keys (B, h * w, C), key_pe (1 or B, h * w, C)."""
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
