@@ -100,7 +100,7 @@ def main() -> None:
         if precision not in (manifest.get("variants") or {}).get("image_encoder", {}):
             try:
                 write_encoder_variant(args.family, precision)
-            except ValueError as e:  # the exporter's own refusal (e.g. fp16 overflowing): recorded, not measured
+            except ValueError as e:  # the exporter's own refusal (non-finite embeddings): recorded, not measured
                 report["variants"][precision] = {"not_written": str(e)}
                 print(f"{precision}: {e}", flush=True)
                 continue

@@ -41,14 +41,72 @@ def convert_onnx(src: Path, dst: Path, precision: str) -> None:
         # MatMul only: measured fastest, and quantising the convolutions made vit_t slower (measured-facts.md)
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
     elif precision == "fp16":
-        import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        model = onnx.load(str(src))
-        keep = [n.name for n in model.graph.node if not n.name.startswith(VIT_NODE_PREFIX)]
-        onnx.save(convert_float_to_float16(model, keep_io_types=True, node_block_list=keep), str(dst))
+        vit_to_float16(src, dst)
     else:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+
+
+def vit_to_float16(src: Path, dst: Path) -> None:
+    """Write ``src`` with its ViT nodes (``VIT_NODE_PREFIX``) in float16 and everything else untouched.
+
+    onnxruntime.transformers.float16.convert_float_to_float16 with the preprocessing in its node block list
+    is not usable here: measured, it ran the blocked preprocessing's resize MatMul in float16 (values up to
+    255 x 49152 overflow to inf) and every embedding came out NaN. So, directly: the float32 initializers
+    and constants used only by ViT nodes become float16, a Cast to float16 goes in front of every other
+    float32 tensor a ViT node reads, a ViT Cast to float32 casts to float16 instead, and a Cast back to
+    float32 after each ViT output of the graph (the inputs and outputs keep their float32 type).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src)))
+    graph = model.graph
+    in_vit = lambda node: node.name.startswith(VIT_NODE_PREFIX)  # noqa: E731
+    from_vit = {o for n in graph.node if in_vit(n) for o in n.output}
+    readers: Dict[str, set] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(in_vit(node))
+    for out in graph.output:
+        readers.setdefault(out.name, set()).add(False)
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+
+    def half(t: "onnx.TensorProto") -> "onnx.TensorProto":
+        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name)
+
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT and readers.get(init.name) == {True}:
+            init.CopyFrom(half(init))
+        dtype[init.name] = init.data_type
+
+    nodes, casts = [], {}
+    for node in graph.node:
+        if in_vit(node):
+            for k, name in enumerate(node.input):
+                if name and name not in from_vit and dtype.get(name) == TensorProto.FLOAT:
+                    if name not in casts:
+                        casts[name] = f"{name}_fp16"
+                        nodes.append(helper.make_node("Cast", [name], [casts[name]], to=TensorProto.FLOAT16,
+                                                      name=f"{name}_to_fp16"))
+                    node.input[k] = casts[name]
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.FLOAT16
+                elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                    attr.t.CopyFrom(half(attr.t))
+        nodes.append(node)
+    renamed = {o.name: f"{o.name}_fp16" for o in graph.output
+               if o.name in from_vit and dtype.get(o.name) == TensorProto.FLOAT}
+    for node in nodes:
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    for name, inner in renamed.items():
+        nodes.append(helper.make_node("Cast", [inner], [name], to=TensorProto.FLOAT, name=f"{name}_to_fp32"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # float16 now where shape inference said float32
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
 
 
 def _documentation(text: str, precision: str, measurements: Optional[Mapping]) -> str:
@@ -97,8 +155,7 @@ def write_encoder_variant(family_dir: Path, precision: str, *, measurements: Opt
         session = ort.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
         (embeddings,) = session.run([outp["id"]], {inp["id"]: x})
         if not np.all(np.isfinite(embeddings)):
-            raise ValueError(f"the {precision} encoder gives non-finite embeddings on the test image (float16 "
-                             "overflow?): not written")
+            raise ValueError(f"the {precision} encoder gives non-finite embeddings on the test image: not written")
         np.save(files / f"test_output_{outp['id']}.npy", embeddings)
         outp["test_tensor"] = {"source": f"test_output_{outp['id']}.npy",
                                "sha256": sha256_of(files / f"test_output_{outp['id']}.npy")}

@@ -1,5 +1,6 @@
 """Reduced-precision image encoders (usam_exporters.precision, issue 16): an int8 variant of a family's encoder,
-gated by bioimageio.core, listed in family.yaml, taken by the family's decoders, kept apart by caches."""
+gated by bioimageio.core, listed in family.yaml, taken by the family's decoders, kept apart by caches; an fp16
+variant whose ViT runs in float16 around the float32 preprocessing."""
 
 from __future__ import annotations
 
@@ -60,3 +61,22 @@ def test_variant_errors(int8_family, vit_t_family):
         SamModel.load(int8_family, encoder_precision="int8", weight_format="torchscript")
     with pytest.raises(UsageError, match="encoder precision"):
         SamModel.load(int8_family, encoder_precision="int4")
+
+
+def test_fp16_variant_runs_the_vit_in_float16(vit_t_family, model, image, embeddings, tmp_path):
+    import onnx
+    from usam_exporters.precision import write_encoder_variant
+
+    folder = tmp_path / "family"
+    shutil.copytree(vit_t_family[0], folder)
+    write_encoder_variant(folder, "fp16")  # bioimageio.core's test_model passed, or it raises
+    fp16 = SamModel.load(folder, encoder_precision="fp16")
+    graph = onnx.load(str(fp16.family.get("image_encoder").weights_path("onnx"))).graph
+    elem = onnx.TensorProto
+    assert [v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]] == [elem.FLOAT, elem.FLOAT]
+    vit = {i.name: i.data_type for i in graph.initializer if i.name.startswith("image_encoder.")}
+    assert vit and set(vit.values()) == {elem.FLOAT16}  # every ViT weight
+    emb = compute_embeddings(fp16, image)
+    err = np.abs(emb.features - embeddings.features)
+    # float16 rounding (~1e-3 relative), not the NaNs of a float16 preprocessing
+    assert np.isfinite(emb.features).all() and 0 < err.max() < 0.05 * np.abs(embeddings.features).max()
