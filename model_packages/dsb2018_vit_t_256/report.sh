@@ -4,7 +4,7 @@
 # thresholds by grid search on the first N_VAL `val` images, every method scored on the `test` split, plus the
 # filled-box baseline; results.json holds issue 13's keys). LIMIT=N scores only the first N test images.
 # Parts are cached in $OUT/report_parts with a fingerprint of the weights they depend on (see report.py);
-# ONLY="ais baseline filled_box" computes just those (e.g. AIS on stage 1's weights while stage 2 trains).
+# ONLY="ais ais_tiled baseline filled_box" computes just those (e.g. AIS on stage 1's weights while stage 2 trains).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${USAM_DATA:-../shared/data}
