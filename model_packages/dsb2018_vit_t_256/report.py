@@ -169,8 +169,8 @@ def main() -> None:
             f"{k}: val {v['best_val_msa']:.3f}, test {v['test_msa']:.3f}" for k, v in results["ais"]["by_tiling"].items())
             + "."]
     if missing:
-        lines += ["", f"**Not computed yet** (the session ran out of time on 2 shared cores): {', '.join(missing)}; "
-                  "rerun `report.sh` (the parts above are reused)."]
+        lines += ["", f"**Not computed in this run** (`--only`): {', '.join(missing)}; rerun `report.sh` without "
+                  "ONLY for them (the parts above are reused)."]
     lines += ["", "| bar | value | reference | met |", "|---|---|---|---|"]
     for b in results["bars"]:
         def fmt(v):

@@ -5,6 +5,7 @@
 # filled-box baseline; results.json holds issue 13's keys). LIMIT=N scores only the first N test images.
 # Parts are cached in $OUT/report_parts with a fingerprint of the weights they depend on (see report.py);
 # ONLY="ais ais_tiled baseline filled_box" computes just those (e.g. AIS on stage 1's weights while stage 2 trains).
+# PARTIAL=1 with ONLY: write report/ from the parts there are, naming the missing ones.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${USAM_DATA:-../shared/data}
@@ -19,4 +20,4 @@ ID=01d44a26f6680c42ba94c9bc6339228579a95d0e2695b149b7cc0c9592b21baf  # first ima
   --overwrite --quiet
 .venv/bin/python "$HERE/report.py" --checkpoint "$CKPT" --model "$FAMILY" --parts "$OUT/report_parts" --data "$DATA/dsb2018" --out "$HERE/report" \
   --n-val "$N_VAL" ${LIMIT:+--limit "$LIMIT" --limit-reason "${LIMIT_REASON:-the first $LIMIT}"} \
-  --training "$OUT/ais" "$OUT/prompts" ${ONLY:+--only $ONLY}
+  --training "$OUT/ais" "$OUT/prompts" ${ONLY:+--only $ONLY} ${PARTIAL:+--partial}
