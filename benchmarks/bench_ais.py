@@ -15,7 +15,6 @@ Usage: .venv/bin/python benchmarks/bench_ais.py [--model-type vit_t] [--repeats 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import statistics
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from exports import is_current, mark_current  # benchmarks/exports.py (the script's folder is on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -74,30 +75,17 @@ def _checkpoint(model_type: str, folder: Path) -> Path:
     return path
 
 
-def _code_stamp() -> str:
-    """sha256 of the sources that shape the exported graphs (the modules and the exporters)."""
-    digest = hashlib.sha256()
-    for folder in (ROOT / "usam_bioimageio" / "modeling", ROOT / "exporters"):
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 def _family(checkpoint: Path, model_type: str, folder: Path) -> Path:
     """The family exported from ``checkpoint``; exported again when the code that writes the graphs changed
     since (a kept export of an older graph would time that graph)."""
     family = folder / "family"
-    stamp = folder / "family.code-sha256"
-    code = _code_stamp()
-    fresh = (family / "family.yaml").is_file() and stamp.is_file() and stamp.read_text() == code
-    if not fresh:
+    if not is_current(family):
         from usam_exporters.family import export_family
 
         print(f"exporting {checkpoint.name} (ONNX weights) into {family} ...", flush=True)
-        stamp.unlink(missing_ok=True)
         export_family(checkpoint=checkpoint, output_dir=family, name=f"{model_type}_ais_random", formats=("onnx",),
                       overwrite=True, progress=True, test=False)  # timed here, gated in the tests
-        stamp.write_text(code)
+        mark_current(family)
     return family
 
 

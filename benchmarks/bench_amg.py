@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exports import is_current, mark_current  # benchmarks/exports.py (the script's folder is on the path)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # reference.py: segment_anything / mobile_sam with test-only shims
 
@@ -35,12 +37,12 @@ DSB = ROOT.parent / "shared" / "data" / "dsb2018"
 
 
 def _random_family(model_type: str, workdir: Path):
-    """(family folder, SAM state dict) of a seeded random model, exported once and reused."""
+    """(family folder, SAM state dict) of a seeded random model, exported once and reused while current."""
     import torch
 
     root = workdir / model_type
     family, state_file = root / "family", root / "sam_state.pt"
-    if not (family / "family.yaml").is_file() or not state_file.is_file():
+    if not is_current(family) or not state_file.is_file():
         from usam_bioimageio.modeling import seeded_sam
         from usam_bioimageio.training.checkpoints import save_checkpoint
         from usam_exporters.family import export_family
@@ -51,6 +53,7 @@ def _random_family(model_type: str, workdir: Path):
         print(f"exporting a seeded random {model_type} into {family} ...", flush=True)
         export_family(checkpoint=root / f"{model_type}.pt", output_dir=family, name=f"{model_type}_random",
                       overwrite=True)
+        mark_current(family)
         torch.save(state, state_file)
     return family, torch.load(state_file)
 

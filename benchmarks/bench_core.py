@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from child import PEAK_RSS  # benchmarks/child.py (the script's folder is on the path)
+from exports import mark_current, needs_export  # benchmarks/exports.py (the script's folder is on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -90,8 +91,10 @@ def export(model_type: str, folder: Path) -> Path:
     ckpt = folder / f"{model_type}_seed0.pt"
     save_checkpoint(ckpt, sam_state=seeded_sam(model_type, seed=0).state_dict())
     # the two formats timed here; not gated (the gate is the exporter's tests' business, not the benchmark's)
-    return export_family(checkpoint=ckpt, output_dir=folder / "family", name=f"{model_type}_random", overwrite=True,
-                         formats=("onnx", "torchscript"), test=False, progress=True)
+    family = export_family(checkpoint=ckpt, output_dir=folder / "family", name=f"{model_type}_random", overwrite=True,
+                           formats=("onnx", "torchscript"), test=False, progress=True)
+    mark_current(family)
+    return family
 
 
 def main() -> None:
@@ -103,7 +106,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     family = args.family or ROOT / "out" / "bench" / args.model_type / "family"
-    if not (family / "family.yaml").is_file():
+    if needs_export(family, passed=args.family is not None):
         t = time.perf_counter()
         family = export(args.model_type, family.parent)
         print(f"exported {family} in {time.perf_counter() - t:.0f} s")

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from exports import is_current, mark_current  # benchmarks/exports.py (the script's folder is on the path)
+
 ROOT = Path(__file__).resolve().parents[1]
 DSB = ROOT.parent / "shared" / "data" / "dsb2018"
 MODEL_TYPE = "vit_t"
@@ -112,10 +114,10 @@ def family_folder(arg) -> Path:
     if arg:
         return arg
     shared = ROOT / "out" / "bench" / MODEL_TYPE / "family"  # bench_core.py's, when it exists (it has onnx)
-    if (shared / "family.yaml").is_file():
+    if is_current(shared):
         return shared
     family = ROOT / "out" / "bench" / "segment_memory" / "family"
-    if not (family / "family.yaml").is_file():
+    if not is_current(family):
         from usam_bioimageio.modeling import seeded_sam
         from usam_bioimageio.training.checkpoints import save_checkpoint
         from usam_exporters.family import export_family
@@ -126,6 +128,7 @@ def family_folder(arg) -> Path:
         save_checkpoint(ckpt, sam_state=seeded_sam(MODEL_TYPE, seed=0).state_dict())
         export_family(checkpoint=ckpt, output_dir=family, name=f"{MODEL_TYPE}_random", overwrite=True,
                       formats=("onnx",), test=False)
+        mark_current(family)
         print(f"exported {family} in {time.perf_counter() - t:.0f} s", flush=True)
     return family
 

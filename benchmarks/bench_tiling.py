@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from child import PEAK_RSS  # benchmarks/child.py (the script's folder is on the path)
+from exports import needs_export  # benchmarks/exports.py (the script's folder is on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -120,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     model_type = args.model_type
     family = args.family or ROOT / "out" / "bench" / model_type / "family"
-    if not (family / "family.yaml").is_file():
+    if needs_export(family, passed=args.family is not None):
         t = time.perf_counter()
         from bench_core import export  # the family bench_core.py times too (same folder, same formats)
 

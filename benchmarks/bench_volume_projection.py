@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench_tiling import run_child  # the subprocess runner of the other micro-sam comparison (same folder)
+from exports import needs_export  # benchmarks/exports.py (the script's folder is on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also append the Markdown section to this file")
     args = parser.parse_args()
     family = args.family or ROOT / "out" / "bench" / args.model_type / "family"
-    if not (family / "family.yaml").is_file():
+    if needs_export(family, passed=args.family is not None):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from bench_core import export  # the family bench_core.py times too (same folder, same formats)
 
