@@ -97,11 +97,12 @@ def test_runtime_frame_is_the_encoders_input_and_labels_follow():
 
 
 @needs_data
-@pytest.mark.parametrize("stage", ["ais", "prompts", "ais_frames", "prompts_bf16"])
+@pytest.mark.parametrize("stage", ["ais", "prompts", "ais_frames", "prompts_bf16", "ais_frozen"])
 def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     """Stage ais trains the encoder and the AIS decoder, stage prompts the prompt decoder (with validation);
     ais_frames: half the samples in the runtime frame, best.pt chosen by the validation images' AIS mSA;
-    prompts_bf16: under bfloat16 autocast, Dice added to the mask loss."""
+    prompts_bf16: under bfloat16 autocast, Dice added to the mask loss; ais_frozen: the encoder's BatchNorm on
+    the running statistics set at the start (with validation)."""
     torch.set_num_threads(1)  # the same thread count in both runs
     pairs = _pairs(2)
     val = pairs[:1] if stage != "ais" else ()
@@ -109,7 +110,8 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     kw = dict(stage=stage.split("_")[0], model_type="vit_t", image_size=256, seed=5, checkpoint_every=2,
               val_every=2, warmup=2, lr=1e-3, ais_crop=2, n_objects=3, n_iterations=2, val_objects=2,
               frame_prob=0.5 if frames else 0.0, val_msa=frames, bf16=stage.endswith("bf16"),
-              mask_dice=1.0 if stage.endswith("bf16") else 0.0)
+              mask_dice=1.0 if stage.endswith("bf16") else 0.0,
+              encoder_batchnorm="frozen" if stage.endswith("frozen") else "batch")
     full = RecipeTrainer(pairs, val, RecipeConfig(steps=3, **kw), log=None).fit(tmp_path / "full", progress=False)
     # interrupted after the checkpoint at step 2 (a run of 2 steps writes the same latest.pt), then continued
     RecipeTrainer(pairs, val, RecipeConfig(steps=2, **kw), log=None).fit(tmp_path / "part", progress=False)
@@ -177,3 +179,32 @@ def test_batchnorm_recalibration_sets_the_mean_of_per_sample_statistics():
     torch.testing.assert_close(norm.running_mean.double(), means.mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(norm.running_var.double(), variances.mean(0), rtol=1e-4, atol=1e-5)
     assert int(norm.num_batches_tracked) == 3
+
+
+@needs_data
+def test_frozen_encoder_batchnorm_trains_with_the_statistics_inference_uses(tmp_path):
+    """encoder_batchnorm="frozen": the running statistics are set by one recalibration when the run starts and
+    stay unchanged by training steps, and the encoder in training mode computes what it computes in eval mode
+    (the "batch" default normalises each training batch with its own statistics instead)."""
+    torch.set_num_threads(1)
+    kw = dict(stage="ais", model_type="vit_t", image_size=256, seed=3, steps=2, ais_crop=2, warmup=1,
+              checkpoint_every=2, val_every=2)
+    start = RecipeTrainer(_pairs(2), (), RecipeConfig(encoder_batchnorm="frozen", **kw), log=None)
+    start.recalibrate_batchnorm()
+    at_start = {k: v.clone() for k, v in start.sam.image_encoder.state_dict().items() if "running" in k}
+    assert at_start
+    trained = RecipeTrainer(_pairs(2), (), RecipeConfig(encoder_batchnorm="frozen", **kw), log=None)
+    weights_before = {k: v.clone() for k, v in trained.sam.image_encoder.state_dict().items() if "weight" in k}
+    trained.fit(tmp_path / "frozen", progress=False)
+    after = trained.sam.image_encoder.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in weights_before.items())  # it did train
+    for k, v in at_start.items():
+        assert torch.equal(after[k], v), k
+    x = torch.cat([c.x for c in trained.sample_crops(np.random.default_rng(0))])
+    with torch.no_grad():
+        torch.testing.assert_close(trained._encode(x, train=True), trained._encode(x, train=False))
+        batch = RecipeTrainer(_pairs(2), (), RecipeConfig(**kw), log=None)
+        batch.sam.load_state_dict(trained.sam.state_dict())
+        assert not torch.allclose(batch._encode(x, train=True), batch._encode(x, train=False), atol=1e-3)
+    with pytest.raises(ValueError, match="encoder_batchnorm"):
+        RecipeConfig(encoder_batchnorm="instance")

@@ -104,6 +104,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     recipe.add_argument("--bf16", action="store_true",
                         help="training steps under bfloat16 autocast (faster on CPUs with bf16 instructions and on "
                              "GPUs; weights, optimiser, validation and the checkpoints stay float32)")
+    recipe.add_argument("--encoder-batchnorm", choices=("batch", "frozen"), default=RecipeConfig.encoder_batchnorm,
+                        help="the image encoder's BatchNorm in training: 'batch' statistics (recalibrated before "
+                             "each validation) or 'frozen' running statistics (set when the run starts), the "
+                             "normalisation inference uses")
     recipe.add_argument("--val-msa", action="store_true",
                         help="stage ais: keep best.pt by the AIS mSA of the validation images (runtime frame) "
                              "instead of the AIS loss on validation crops")
@@ -143,7 +147,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                               warmup=args.warmup, weight_decay=args.weight_decay, device=args.device,
                               ais_crop=args.ais_crop, train_encoder=args.train_encoder,
                               frame_prob=args.frame_prob, val_msa=args.val_msa, bf16=args.bf16,
-                              mask_dice=args.mask_dice,
+                              mask_dice=args.mask_dice, encoder_batchnorm=args.encoder_batchnorm,
                               **({"ais_min_size": args.ais_min_size} if args.ais_min_size is not None else {}),
                               **given)
     else:
