@@ -25,8 +25,8 @@ cd "$(dirname "$0")/../.."
 DATA=${USAM_DATA:-../shared/data}
 OUT=${OUT:-out/dsb2018_vit_t_256}
 STEPS_AIS=${STEPS_AIS:-4000}
-STEPS_AIS_BN=${STEPS_AIS_BN:-1500}
-STEPS_PROMPTS=${STEPS_PROMPTS:-1000}
+STEPS_AIS_BN=${STEPS_AIS_BN:-1000}
+STEPS_PROMPTS=${STEPS_PROMPTS:-2000}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
 resume() { if [ -f "$1/latest.pt" ]; then echo "$1/latest.pt"; else echo "$2"; fi; }

@@ -20,4 +20,4 @@ ID=01d44a26f6680c42ba94c9bc6339228579a95d0e2695b149b7cc0c9592b21baf  # first ima
   --overwrite --quiet
 .venv/bin/python "$HERE/report.py" --checkpoint "$CKPT" --model "$FAMILY" --parts "$OUT/report_parts" --data "$DATA/dsb2018" --out "$HERE/report" \
   --n-val "$N_VAL" ${LIMIT:+--limit "$LIMIT" --limit-reason "${LIMIT_REASON:-the first $LIMIT}"} \
-  --training "$OUT/ais" "$OUT/prompts" ${ONLY:+--only $ONLY} ${PARTIAL:+--partial}
+  --training "$OUT/ais" "$OUT/ais_frozen_bn" "$OUT/prompts" ${ONLY:+--only $ONLY} ${PARTIAL:+--partial}

@@ -631,7 +631,7 @@ def plot_curves(history: Sequence[Dict], validation: Sequence[Dict], path: Path,
     axes[0].set_xlabel("step")
     axes[0].set_title("training")
     axes[0].legend()
-    for key in ("val_ais_loss", "val_box_iou", "val_point_iou"):
+    for key in ("val_ais_loss", "val_ais_msa", "val_box_iou", "val_point_iou"):
         pts = [(v["step"], v[key]) for v in validation if key in v and v[key] == v[key]]
         if pts:
             x, y = np.array(pts).T
