@@ -13,8 +13,8 @@ import torch
 
 from usam_bioimageio.training.checkpoints import load_checkpoint
 from conftest import DSB as DATA
-from usam_bioimageio.training.recipe import (RecipeConfig, RecipeTrainer, augment, balanced_bce, random_crop,
-                                             runtime_frame)
+from usam_bioimageio.training.recipe import (RecipeConfig, RecipeTrainer, augment, balanced_bce, enlarged,
+                                             random_crop, runtime_frame)
 
 # the real data must be there: conftest's data_dir fails the run without it (never a silent skip)
 needs_data = pytest.mark.usefixtures("data_dir")
@@ -55,6 +55,26 @@ def test_crops_keep_native_scale_and_augmentation_keeps_pairs():
     crop, crop_labels, valid = random_crop(img, lab, 256, rng)
     assert valid == crop_labels.shape == crop.shape[:2] and max(valid) == 256 and min(valid) == 200
     assert np.array_equal(crop[..., 0] // 3 + 1, crop_labels)  # a window, not a resize
+
+
+def test_enlarged_images_keep_their_labels_at_the_new_scale():
+    """RecipeConfig.scale: crops come from images enlarged bilinearly, labels by nearest neighbour (no new ids)."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (30, 41, 3)).astype(np.uint8)
+    labels = np.zeros((30, 41), np.int64)
+    labels[4:12, 5:25], labels[15:29, 30:40] = 3, 9
+    big_image, big_labels = enlarged(image, labels, 2.0)
+    assert big_image.shape == (60, 82, 3) and big_image.dtype == np.uint8 and big_labels.shape == (60, 82)
+    assert set(np.unique(big_labels)) == {0, 3, 9}
+    for obj in (3, 9):
+        assert (big_labels == obj).sum() == 4 * (labels == obj).sum()
+    # the enlarged image is a smooth version of the original: block means stay close to the original pixels
+    blocks = big_image.astype(np.float64).reshape(30, 2, 41, 2, 3).mean(axis=(1, 3))
+    assert np.abs(blocks - image)[2:-2, 2:-2].mean() < 40
+    same = enlarged(image, labels, 1.0)
+    assert same[0] is image and same[1] is labels
+    with pytest.raises(ValueError, match="scale"):
+        RecipeConfig(scale=0.5)
 
 
 def _pairs(n=2):

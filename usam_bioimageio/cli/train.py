@@ -108,6 +108,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the image encoder's BatchNorm in training: 'batch' statistics (recalibrated before "
                              "each validation) or 'frozen' running statistics (set when the run starts), the "
                              "normalisation inference uses")
+    recipe.add_argument("--scale", type=float, default=RecipeConfig.scale,
+                        help="native-resolution crops from the images enlarged by this factor (frame samples unaffected)")
     recipe.add_argument("--val-msa", action="store_true",
                         help="stage ais: keep best.pt by the AIS mSA of the validation images (runtime frame) "
                              "instead of the AIS loss on validation crops")
@@ -148,6 +150,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                               ais_crop=args.ais_crop, train_encoder=args.train_encoder,
                               frame_prob=args.frame_prob, val_msa=args.val_msa, bf16=args.bf16,
                               mask_dice=args.mask_dice, encoder_batchnorm=args.encoder_batchnorm,
+                              scale=args.scale,
                               **({"ais_min_size": args.ais_min_size} if args.ais_min_size is not None else {}),
                               **given)
     else:
