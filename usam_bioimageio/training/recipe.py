@@ -297,8 +297,11 @@ class RecipeTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        self.train_images = [enlarged(_uint8_like_usam(i), np.asarray(l).astype(np.int64), cfg.scale)
-                             for i, l in train_data]
+
+        def native(image, labels):  # µSAM's uint8 normalisation, at the crops' scale
+            return enlarged(_uint8_like_usam(image), np.asarray(labels).astype(np.int64), cfg.scale)
+
+        self.train_images = [native(i, l) for i, l in train_data]
         if not self.train_images:
             raise ValueError("no training images")
         frames = cfg.frame_prob > 0
@@ -306,8 +309,7 @@ class RecipeTrainer:
         if frames or cfg.val_msa:
             self.val_crops = [_padded(*runtime_frame(i, l, cfg.image_size), cfg.image_size) for i, l in val_data]
         else:
-            self.val_crops = [_to_crop(*centre_crop(*enlarged(_uint8_like_usam(i), np.asarray(l).astype(np.int64), cfg.scale),
-                                                    cfg.image_size), cfg.image_size) for i, l in val_data]
+            self.val_crops = [_to_crop(*centre_crop(*native(i, l), cfg.image_size), cfg.image_size) for i, l in val_data]
         self.val_labels = [np.asarray(l) for _, l in val_data]  # at the original size, for val_msa
         self.step = 0
         self.cpu_seconds = 0.0
