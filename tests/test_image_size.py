@@ -347,6 +347,63 @@ def test_ais_equals_torch(model, torch_sam, ais_state, dsb_image, dsb_setup, dsb
     assert automatic_instance_segmentation(model, dsb_image, embeddings=dsb_tiled).shape == dsb_image.shape[:2]
 
 
+def _torch_bilinear(image: np.ndarray, shape) -> np.ndarray:
+    """(H, W) or (H, W, C) -> float32 of ``shape`` (+ C), torch's bilinear interpolation."""
+    hwc = image if image.ndim == 3 else image[..., None]
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(hwc, -1, 0), np.float32))[None]
+    out = torch.nn.functional.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
+    out = np.moveaxis(out, 0, -1)
+    return out if image.ndim == 3 else out[..., 0]
+
+
+def test_ais_at_a_pixel_scale_equals_torch(model, torch_sam, ais_state, dsb_image):
+    """ais_maps(scale=2): the torch model's maps of the image enlarged 2x (torch's bilinear resize), resized back
+    to the image (torch's bilinear); a 100 x 120 crop, enlarged to 200 x 240, fits the model's input untiled."""
+    from usam_bioimageio.automatic.ais.decoder import ais_maps
+
+    crop = dsb_image[100:200, 150:270]
+    _, big_maps = _torch_ais_maps(torch_sam, ais_state, _torch_bilinear(crop, (200, 240)))
+    ref = _torch_bilinear(np.moveaxis(big_maps, 0, -1), (100, 120))
+    maps = ais_maps(model, crop, scale=2)
+    assert maps.shape == (3, 100, 120)
+    assert float(np.abs(maps - np.moveaxis(ref, -1, 0)).max()) <= 1e-4
+    assert float(np.abs(maps - ais_maps(model, crop)).max()) > 0.01  # the scale changes what the model sees
+    with pytest.raises(ValueError, match="with a scale needs the image"):
+        ais_maps(model, embeddings=compute_embeddings(model, crop), scale=2)
+
+
+def test_cli_ais_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
+    """`usam ais --scale 2 --tile-shape auto`: the image enlarged 2x, tiled at the model's size, the maps resized
+    back: the API's labels, at the image's size; a bad scale and --scale with --embeddings are usage errors."""
+    import tifffile
+
+    from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
+    from usam_bioimageio.automatic.ais.postprocess import AisParameters
+    from usam_bioimageio.cli.main import main
+    from usam_bioimageio.embeddings.compute import compute_image_embeddings
+    from usam_bioimageio.runtime.pixel_scale import scale_image
+
+    crop = dsb_image[:200, :180]  # 400 x 360 at scale 2: 3 x 2 tiles of 192 (+ halo 32)
+    tifffile.imwrite(tmp_path / "img.tif", crop)
+    assert main(["ais", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
+                 str(tmp_path / "labels.tif"), "--tile-shape", "auto", "--scale", "2", "--boundary-distance-threshold",
+                 "0.7", "--quiet"]) == 0  # the seeded decoder's maps give seeds there
+    tiled = compute_image_embeddings(model, scale_image(crop, 2), tile_shape="auto", progress=False)
+    assert len(tiled) == 6
+    expected = automatic_instance_segmentation(model, crop, embeddings=tiled, scale=2,
+                                               params=AisParameters(boundary_distance_threshold=0.7))
+    labels = tifffile.imread(tmp_path / "labels.tif")
+    assert labels.shape == crop.shape[:2] and labels.max() > 0 and np.array_equal(labels, expected)
+    capsys.readouterr()
+    for extra, message in ((["--scale", "0"], "--scale: scale must be > 0 and at most 8, got 0"),
+                           (["--scale", "2", "--embeddings", str(tmp_path / "e.npz")],
+                            "--scale encodes the resized image; do not give --embeddings with it")):
+        assert main(["ais", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
+                     str(tmp_path / "never.tif"), "--quiet", *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"usam ais: error: {message}"
+    assert not (tmp_path / "never.tif").exists()
+
+
 def test_amg_masks_are_the_decoders(model, dsb_setup, dsb_image, dsb_tiled):
     """AMG's point grid in the 256 frame: each record is the multimask output of its point, upscaled from 64 x 64."""
     from usam_bioimageio.automatic.amg.generator import AmgParameters, automatic_mask_generation, generate_masks

@@ -117,19 +117,20 @@ def test_runtime_frame_is_the_encoders_input_and_labels_follow():
 
 
 @needs_data
-@pytest.mark.parametrize("stage", ["ais", "prompts", "ais_frames", "prompts_bf16", "ais_frozen"])
+@pytest.mark.parametrize("stage", ["ais", "prompts", "ais_frames", "prompts_bf16", "ais_frozen", "ais_scaled"])
 def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     """Stage ais trains the encoder and the AIS decoder, stage prompts the prompt decoder (with validation);
     ais_frames: half the samples in the runtime frame, best.pt chosen by the validation images' AIS mSA;
     prompts_bf16: under bfloat16 autocast, Dice added to the mask loss; ais_frozen: the encoder's BatchNorm on
-    the running statistics set at the start (with validation)."""
+    the running statistics set at the start (with validation); ais_scaled: crops from images enlarged 1.5x,
+    best.pt chosen by the AIS mSA of the validation crops."""
     torch.set_num_threads(1)  # the same thread count in both runs
     pairs = _pairs(2)
     val = pairs[:1] if stage != "ais" else ()
-    frames = stage == "ais_frames"
+    frames, scaled = stage == "ais_frames", stage == "ais_scaled"
     kw = dict(stage=stage.split("_")[0], model_type="vit_t", image_size=256, seed=5, checkpoint_every=2,
               val_every=2, warmup=2, lr=1e-3, ais_crop=2, n_objects=3, n_iterations=2, val_objects=2,
-              frame_prob=0.5 if frames else 0.0, val_msa=frames, bf16=stage.endswith("bf16"),
+              frame_prob=0.5 if frames else 0.0, val_msa=frames or scaled, scale=1.5 if scaled else 1.0, bf16=stage.endswith("bf16"),
               mask_dice=1.0 if stage.endswith("bf16") else 0.0,
               encoder_batchnorm="frozen" if stage.endswith("frozen") else "batch")
     full = RecipeTrainer(pairs, val, RecipeConfig(steps=3, **kw), log=None).fit(tmp_path / "full", progress=False)
@@ -145,7 +146,7 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
     drop = lambda rows: [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in rows]  # noqa: E731
     assert drop(full.validation) == drop(resumed.validation)
-    if frames:
+    if frames or scaled:
         assert all(0.0 <= v["val_ais_msa"] <= 1.0 and v["metric"] == 1.0 - v["val_ais_msa"] for v in full.validation)
     names = ("history.csv", "curves.png", "latest.pt") + (("validation.csv", "best.pt") if val else ())
     for name in names:
@@ -165,6 +166,24 @@ def test_usam_train_image_size_256_writes_a_256_checkpoint(tmp_path):
     ckpt = load_checkpoint(out / "latest.pt")
     assert ckpt.image_size == 256 and ckpt.model_type == "vit_t"
     assert ckpt.has_decoder  # the (untrained) AIS decoder is carried along, so the exporter writes AIS packages
+
+
+@needs_data
+def test_rerunning_a_finished_stage_does_nothing(tmp_path, capsys):
+    """A build rerun after a stage finished: --checkpoint is that stage's latest.pt at --steps, so nothing is
+    prepared or trained and the checkpoint stays as it was."""
+    from usam_bioimageio.cli.train import train_main
+
+    out = tmp_path / "run"
+    args = ["--data", str(DATA), "--val-limit", "1", "--output", str(out), "--model-type", "vit_t", "--image-size",
+            "256", "--stage", "prompts", "--steps", "1", "--n-objects", "2", "--n-iterations", "1", "--threads", "1",
+            "--no-progress", "--train-split", "val"]
+    train_main(args)
+    before = (out / "latest.pt").read_bytes()
+    capsys.readouterr()
+    train_main(args + ["--checkpoint", str(out / "latest.pt")])
+    assert f"stage prompts: {out / 'latest.pt'} is at step 1 of 1; nothing to do" in capsys.readouterr().out
+    assert (out / "latest.pt").read_bytes() == before
 
 
 @needs_data

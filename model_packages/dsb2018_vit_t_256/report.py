@@ -4,8 +4,9 @@ Usage (report.sh): .venv/bin/python model_packages/dsb2018_vit_t_256/report.py -
     --data DSB2018 --out REPORT_DIR --parts PARTS_DIR [--n-val N] [--limit N] [--training STAGE_FOLDER ...]
 
 `usam evaluate`'s code (usam_bioimageio.evaluation): AIS / AMG thresholds by grid search on the first --n-val
-`val` images (AIS also whether to run on native-resolution tiles where an image is larger than the model's frame), interactive segmentation from a box (scored at the start) and from a point (then 7 of µSAM's
-corrections), Otsu + watershed, and the filled-box baseline, all scored by the same mSA code on the same `test`
+`val` images (AIS also whether to run on native-resolution tiles where an image is larger than the model's frame,
+or on such tiles of the image enlarged --scale times), interactive segmentation from a box (scored at the start)
+and from a point (then 7 of µSAM's corrections), Otsu + watershed, and the filled-box baseline, all scored by the same mSA code on the same `test`
 images. results.json gets issue 13's flat keys next to the full numbers, report.md the bars and the learning
 curves. Each part is kept in PARTS_DIR with a fingerprint of the weights it depends on (AIS: image encoder + AIS
 decoder; prompts and AMG: all SAM weights; baselines: none) and the settings, and reused while they match: stage 2
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--partial", action="store_true", help="with --only: write the report of the parts there "
                         "are, naming the missing ones")
     parser.add_argument("--n-val", type=int, default=20)
+    parser.add_argument("--scale", type=float, default=1.0, help="also AIS on tiles of the images enlarged this "
+                        "many times (`usam ais --scale`), a choice next to the frame and native tiles")
     parser.add_argument("--limit", type=int, default=None, help="the first N test images (default: all)")
     parser.add_argument("--limit-reason", default="", help="why fewer than all test images, for report.md")
     parser.add_argument("--training", type=Path, nargs="*", default=[], help="training folders (curves, CPU time)")
@@ -64,12 +67,13 @@ def main() -> None:
     val = read_split(args.data, "val", args.n_val)
     test = read_split(args.data, "test", args.limit)
     gts = [g for _, g in test]
-    settings = {"n_val": len(val), "n_test": len(test)}
+    settings = {"n_val": len(val), "n_test": len(test)}  # a part's own settings are in its name
     args.parts.mkdir(parents=True, exist_ok=True)
 
     from usam_bioimageio.automatic.amg.params import AmgParameters
-    from usam_bioimageio.embeddings.compute import compute_embeddings, compute_tiled_embeddings
-    from usam_bioimageio.embeddings.types import AUTO_TILING, resolve_tiling
+    from usam_bioimageio.embeddings.compute import compute_embeddings, compute_image_embeddings
+    from usam_bioimageio.embeddings.types import AUTO_TILING
+    from usam_bioimageio.runtime.pixel_scale import scale_image
     from usam_bioimageio.evaluation.baseline import otsu_watershed
     from usam_bioimageio.evaluation.interactive import evaluate_interactive
     from usam_bioimageio.runtime.model import SamModel
@@ -82,22 +86,22 @@ def main() -> None:
             cache[id(image)] = compute_embeddings(model, image)
         return cache[id(image)]
 
-    def embed_tiled(image):  # `usam ais --tile-shape auto`: native-resolution N x N tiles where the image is larger
-        tile_shape, halo = resolve_tiling(AUTO_TILING, None, image.shape, model.image_size)
-        if tile_shape is None:
-            return embed(image)
-        if ("tiled", id(image)) not in cache:
-            cache["tiled", id(image)] = compute_tiled_embeddings(model, image, tile_shape=tile_shape, halo=halo,
-                                                                 progress=False)
-        return cache["tiled", id(image)]
+    def embed_tiled(image, scale=1.0):
+        # `usam ais --tile-shape auto [--scale S]`: N x N tiles of the image (resized S times) where it is larger
+        if ("tiled", scale, id(image)) not in cache:
+            resized = image if scale == 1.0 else scale_image(image, scale)
+            cache["tiled", scale, id(image)] = compute_image_embeddings(model, resized, tile_shape=AUTO_TILING,
+                                                                        progress=False)
+        return cache["tiled", scale, id(image)]
 
     def interactive(start, n):
         # box prompts are scored at the start only (box_msa): one round; a point with 7 corrections: 8 rounds
         return evaluate_interactive(model, test, start=start, n_iterations=n, seed=0, embed=embed, progress=True)
 
-    def automatic(mode, embed_fn=embed):
+    def automatic(mode, embed_fn=embed, scale=1.0):
         base = AmgParameters(points_per_side=AMG_POINTS_PER_SIDE) if mode == "amg" else None
-        out = evaluate_automatic(model, val, test, mode=mode, progress=True, embed=embed_fn, amg_base=base)
+        out = evaluate_automatic(model, val, test, mode=mode, progress=True, embed=embed_fn, amg_base=base,
+                                 scale=scale)
         return {"best": out["best"], "test": out["test"], "grid_size": len(out["val_table"]),
                 "best_val_msa": max(r["msa"] for r in out["val_table"])}
 
@@ -106,6 +110,8 @@ def main() -> None:
         "filled_box": (None, lambda: mean_scores([filled_box_labels(g) for g in gts], gts)),
         "ais": ("ais", lambda: automatic("ais")),
         "ais_tiled": ("ais", lambda: automatic("ais", embed_tiled)),
+        **({f"ais_tiled_x{args.scale:g}": ("ais", lambda: automatic("ais", lambda i: embed_tiled(i, args.scale),
+                                                                     args.scale))} if args.scale != 1.0 else {}),
         "box": ("sam", lambda: interactive("box", 1)),
         "point": ("sam", lambda: interactive("point", 8)),
         "amg": ("sam", lambda: automatic("amg")),
@@ -134,16 +140,18 @@ def main() -> None:
                                    indent=1))
         print(f"{name}: {time.time() - t:.0f} s")
     results["interactive"] = {k: results.pop(k) for k in ("box", "point") if k in results}
-    if "ais" in results and "ais_tiled" in results:
-        # AIS of the whole image in the N x N frame, or on native-resolution tiles: chosen by the validation mSA
-        both = {"frame": results.pop("ais"), "auto tiles": results.pop("ais_tiled")}
-        chosen = max(both, key=lambda k: both[k]["best_val_msa"])
-        results["ais"] = {**both[chosen], "tiling": chosen,
+    # AIS of the whole image in the N x N frame, on native-resolution tiles, or on tiles of the image enlarged
+    # --scale times: the one with the best validation mSA is used
+    ways = {"ais": "frame", "ais_tiled": "auto tiles", f"ais_tiled_x{args.scale:g}": f"auto tiles at scale {args.scale:g}"}
+    ways = {name: way for name, way in ways.items() if name in parts}
+    found = {way: results.pop(name) for name, way in ways.items() if name in results}
+    if len(found) == len(ways):
+        chosen = max(found, key=lambda k: found[k]["best_val_msa"])
+        results["ais"] = {**found[chosen], "tiling": chosen,
                           "by_tiling": {k: {"best_val_msa": v["best_val_msa"], "test_msa": v["test"]["msa"]}
-                                        for k, v in both.items()}}
-    elif "ais_tiled" in results:
+                                        for k, v in found.items()}}
+    elif found:
         missing.append("ais")
-        results.pop("ais_tiled")
     if missing and not args.partial:
         print(f"not computed (--only): {missing}; no report written")
         return
@@ -160,7 +168,9 @@ def main() -> None:
                                                             f" (the first {len(test)}: {args.limit_reason or 'by --limit'})") +
              f"; AIS / AMG thresholds by grid search on the first {len(val)} `val` images (AIS also the tiling: the "
              f"image in the model's frame, or native-resolution tiles where it is larger (`usam ais --tile-shape "
-             f"auto`); chosen: {results.get('ais', {}).get('tiling', 'n/a')}); AMG with "
+             f"auto`)" + (f", or such tiles of the image enlarged {args.scale:g}x (`--scale {args.scale:g}`)"
+                          if args.scale != 1.0 else "") +
+             f"; chosen: {results.get('ais', {}).get('tiling', 'n/a')}); AMG with "
              f"{AMG_POINTS_PER_SIDE} points per side; filled box = each ground-truth object's bounding box as its "
              "mask.", "", "| key | mSA |", "|---|---|"]
     lines += [f"| `{k}` | {v:.3f} |" for k, v in flat.items() if k != "n_images"]

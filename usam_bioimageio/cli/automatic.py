@@ -71,19 +71,19 @@ def _check_folder_images(jobs: list, command: str) -> None:
 
 def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], args: argparse.Namespace,
                         progress: bool):
-    from usam_bioimageio.embeddings.compute import compute_embeddings
-    from usam_bioimageio.embeddings.compute import compute_tiled_embeddings
+    """The image's embeddings: loaded, or computed (tiled as the options say) of the image resized by --scale."""
+    from usam_bioimageio.embeddings.compute import compute_image_embeddings
+    from usam_bioimageio.runtime.pixel_scale import scale_image
 
     if embeddings is not None:
         emb = load_embeddings_for(embeddings, image, model)
         if tuple(emb.original_shape) != image.shape[:2]:
             raise ValueError(f"embeddings are for an image of shape {emb.original_shape}, not {image.shape[:2]}")
         return emb
-    tile_shape, halo = resolve_tiling(args.tile_shape, args.halo, image.shape, model.image_size)
-    if tile_shape is not None:
-        halo = halo if halo is not None else (0, 0)
-        return compute_tiled_embeddings(model, image, tile_shape=tile_shape, halo=halo, progress=progress)
-    return compute_embeddings(model, image)
+    scale = getattr(args, "scale", 1.0)
+    if scale != 1.0:
+        image = scale_image(image, scale)
+    return compute_image_embeddings(model, image, tile_shape=args.tile_shape, halo=args.halo, progress=progress)
 
 
 def override(params, args: argparse.Namespace, names):
@@ -153,6 +153,9 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
     if args.embeddings and args.tile_shape is not None:
         raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
                          "--embeddings")
+    scale = getattr(args, "scale", 1.0)
+    if scale != 1.0 and args.embeddings:
+        raise UsageError("--scale encodes the resized image; do not give --embeddings with it")
     jobs = _image_jobs(args)
     # every output and the first image are checked before the model is loaded or anything is computed
     outputs, inputs = [], [("--image", args.image), ("--embeddings", args.embeddings)]
@@ -174,6 +177,8 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
     else:
         first = read_image(jobs[0][0])
         if is_stack(first):
+            if scale != 1.0:
+                raise UsageError(f"--scale is for 2D images; {args.image} holds a stack of {first.shape[0]} slices")
             return run_volume(args, first, method, params)
     if args.gap_closing is not None or args.min_z_extent is not None:
         what = "a folder of 2D images" if Path(args.image).is_dir() else "a 2D image"
@@ -213,10 +218,17 @@ def cmd_ais(args: argparse.Namespace) -> int:
     from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
     from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
 
+    from usam_bioimageio.runtime.pixel_scale import check_scale
+
     params = override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)
+    try:
+        scale = check_scale(args.scale)
+    except ValueError as e:
+        raise UsageError(f"--scale: {e}") from None
 
     def segment(model, image, emb, progress):
-        return automatic_instance_segmentation(model, image, embeddings=emb, params=params, progress=progress)
+        return automatic_instance_segmentation(model, image, embeddings=emb, params=params, progress=progress,
+                                               scale=scale)
 
     return _run_automatic(args, segment, "ais", params)
 
@@ -286,6 +298,10 @@ def add_automatic_parsers(sub) -> None:
     ais = _add_automatic_parser(sub, "ais", cmd_ais, "automatic instance segmentation with µSAM's decoder (the "
                                 "family's AIS packages) -> label TIFF (3D for a 3D TIFF)", AIS_PRESETS)
     add_ais_options(ais)
+    ais.add_argument("--scale", type=float, default=1.0,
+                     help="resize the image by this factor before encoding (a model trained on enlarged images: "
+                          "`usam train --scale`), the maps back before post-processing; --tile-shape is then in "
+                          "the resized image's pixels, the post-processing options in the image's (default 1)")
     amg = _add_automatic_parser(sub, "amg", cmd_amg, "automatic mask generation (SAM's point grid) -> label TIFF "
                                 "(3D for a 3D TIFF)",
                                 AMG_PRESETS)

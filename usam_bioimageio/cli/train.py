@@ -111,8 +111,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     recipe.add_argument("--scale", type=float, default=RecipeConfig.scale,
                         help="native-resolution crops from the images enlarged by this factor (frame samples unaffected)")
     recipe.add_argument("--val-msa", action="store_true",
-                        help="stage ais: keep best.pt by the AIS mSA of the validation images (runtime frame) "
-                             "instead of the AIS loss on validation crops")
+                        help="stage ais: keep best.pt by the AIS mSA of the validation images (runtime frame; "
+                             "without --frame-prob: their centre crops at --scale) instead of the AIS loss")
     parser.add_argument("--no-ais-decoder", action="store_true",
                         help="do not train µSAM's AIS (UNETR) decoder jointly (trained by default, as in µSAM)")
     parser.add_argument("--ais-min-size", type=int, default=None,
@@ -188,6 +188,10 @@ def _train_stage(config, train_pairs, val, args) -> int:
         raw = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         if isinstance(raw, dict) and raw.get(STATE_KEY, {}).get("stage") == config.stage:
             resume, initial = Path(args.checkpoint), None
+            done = int(raw[STATE_KEY].get("step", 0))
+            if done >= config.steps:  # a finished stage of a build that is rerun: no data preparation
+                print(f"stage {config.stage}: {resume} is at step {done} of {config.steps}; nothing to do")
+                return 0
         del raw
     trainer = RecipeTrainer(train_pairs, val, config, initial_weights=initial)
     if resume is not None:

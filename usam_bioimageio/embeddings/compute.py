@@ -20,6 +20,7 @@ from usam_bioimageio.embeddings.types import (
     check_stack,
     item_input,
     iterate_items,
+    resolve_tiling,
 )
 from usam_bioimageio.progress import progress_bar
 from usam_bioimageio.registry import IMAGE_SIZE
@@ -72,6 +73,18 @@ def compute_tiled_embeddings(model: SamModel, image, *, tile_shape: PairLike, ha
             features.append(encode(model, item_input(image, None, tiling, t)))
             bar.update()
     return TiledEmbeddings(tiling, features, model.encoder_identity)
+
+
+def compute_image_embeddings(model: SamModel, image, *, tile_shape=None, halo: Optional[PairLike] = None,
+                             progress: bool = True) -> Union[Embeddings, TiledEmbeddings]:
+    """Embeddings of a 2D image as ``usam ais`` / ``amg`` compute them: untiled for ``tile_shape`` None; tiled
+    with ``halo`` (default 0) for a (y, x) or int ``tile_shape``; for :data:`AUTO_TILING` untiled where the image
+    fits the model's input, else the model's automatic tiling (``resolve_tiling``)."""
+    tile_shape, halo = resolve_tiling(tile_shape, halo, np.shape(image), model.image_size)
+    if tile_shape is None:
+        return compute_embeddings(model, image)
+    return compute_tiled_embeddings(model, image, tile_shape=tile_shape, halo=(0, 0) if halo is None else halo,
+                                    progress=progress)
 
 
 def compute_stack_embeddings(model: SamModel, volume, *, tile_shape: Optional[PairLike] = None,

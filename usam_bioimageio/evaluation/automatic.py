@@ -130,23 +130,32 @@ def evaluate_automatic(
     progress: bool = False,
     embed: Optional[Callable[[np.ndarray], Any]] = None,
     amg_base=None,
+    scale: float = 1.0,
 ) -> Dict[str, Any]:
     """Grid search on ``val_pairs`` then scores on ``test_pairs`` for ``mode`` "ais" or "amg":
     ``{"best": combination, "val_table": [...], "test": mean scores, "test_per_image": [...]}``.
     ``embed``: image -> embeddings (default ``compute_embeddings(model, image)``; e.g. a cache shared by modes).
-    ``amg_base``: the AMG parameters the grid varies (default ``AmgParameters()``: 32 points per side)."""
+    ``amg_base``: the AMG parameters the grid varies (default ``AmgParameters()``: 32 points per side).
+    ``scale`` (AIS only): each image is resized by this factor before it is encoded, its maps back
+    (``ais_maps(scale=...)``); ``embed`` then returns the embeddings of the resized image."""
     from usam_bioimageio.automatic.ais.decoder import ais_maps
     from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.pixel_scale import check_scale, scale_image
 
     if mode not in ("ais", "amg"):
         raise ValueError(f"mode must be 'ais' or 'amg', got {mode!r}")
+    if check_scale(scale) != 1.0 and mode != "ais":
+        raise ValueError(f"scale is for mode 'ais', not {mode!r}")
     grid = dict(grid if grid is not None else (AIS_GRID if mode == "ais" else AMG_GRID))
 
     def prepare(image):
-        emb = embed(image) if embed is not None else compute_embeddings(model, image)
-        return ais_maps(model, image, embeddings=emb) if mode == "ais" else amg_candidates(model, image, grid,
-                                                                                             embeddings=emb,
-                                                                                             base=amg_base)
+        if embed is not None:
+            emb = embed(image)
+        else:
+            emb = compute_embeddings(model, image if scale == 1.0 else scale_image(image, scale))
+        if mode == "ais":
+            return ais_maps(model, image, embeddings=emb, scale=scale)
+        return amg_candidates(model, image, grid, embeddings=emb, base=amg_base)
 
     segment = ais_segment if mode == "ais" else amg_segment
     from tqdm import tqdm

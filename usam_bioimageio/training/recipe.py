@@ -93,7 +93,8 @@ class RecipeConfig:
     frame_prob: float = 0.0
     bf16: bool = False  # training steps under bfloat16 autocast (validation and the weights stay float32)
     val_msa: bool = False  # stage ais: select by the AIS mSA of the validation images (runtime frame, µSAM's
-    # post-processing, scored at the original size) instead of the AIS loss on validation crops
+    # post-processing, scored at the original size; without frame samples: the validation crops at the training
+    # scale) instead of the AIS loss on validation crops
     # how the image encoder's BatchNorm layers (TinyViT's convolutions) normalise while it trains: "batch" with
     # each batch's statistics (torch's training mode; running statistics recalibrated before each validation),
     # "frozen" with running statistics set once by a recalibration when the run starts, then kept: training
@@ -159,12 +160,13 @@ def enlarged(image: np.ndarray, labels: np.ndarray, scale: float) -> Tuple[np.nd
         return image, labels
     from scipy import ndimage
 
-    h, w = labels.shape
-    shape = (int(round(h * scale)), int(round(w * scale)))
-    zoom = (shape[0] / h, shape[1] / w)
-    image = ndimage.zoom(image.astype(np.float32), zoom + (1,), order=1, grid_mode=True, mode="nearest")
+    from usam_bioimageio.runtime.pixel_scale import scale_image, scaled_shape
+
+    shape = scaled_shape(labels.shape, scale)
+    zoom = (shape[0] / labels.shape[0], shape[1] / labels.shape[1])
     labels = ndimage.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest")
-    return np.clip(np.round(image), 0, 255).astype(np.uint8), labels
+    # the runtime's resize (`usam ais --scale`), then back to uint8 as µSAM's normalisation left it
+    return np.clip(np.round(scale_image(image, scale)), 0, 255).astype(np.uint8), labels
 
 
 def random_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator,
@@ -310,7 +312,10 @@ class RecipeTrainer:
             self.val_crops = [_padded(*runtime_frame(i, l, cfg.image_size), cfg.image_size) for i, l in val_data]
         else:
             self.val_crops = [_to_crop(*centre_crop(*native(i, l), cfg.image_size), cfg.image_size) for i, l in val_data]
-        self.val_labels = [np.asarray(l) for _, l in val_data]  # at the original size, for val_msa
+        if frames:  # at the original size: the frame's maps are resized back, as the runtime does
+            self.val_labels = [np.asarray(l) for _, l in val_data]
+        else:  # the crops' own labels, at the training scale (a scale-S model runs on images enlarged S times)
+            self.val_labels = [c.labels[:c.valid[0], :c.valid[1]] for c in self.val_crops]
         self.step = 0
         self.cpu_seconds = 0.0
         self.best_metric = math.inf
@@ -540,7 +545,8 @@ class RecipeTrainer:
     def validation_ais_msa(self) -> float:
         """Mean mSA of µSAM's AIS on the validation images: each in the runtime frame (``val_crops``), the whole
         decoder, the maps resized to the original size, µSAM's default post-processing, scored against the
-        original labels."""
+        original labels. Without frame samples (``frame_prob`` 0): on the validation crops (centre crops at the
+        training scale), scored against their labels."""
         from usam_bioimageio.automatic.ais.postprocess import instances_from_maps
         from usam_bioimageio.evaluation.metrics import segmentation_scores
         from usam_bioimageio.modeling.unetr import maps_to_original
@@ -549,7 +555,10 @@ class RecipeTrainer:
         scores = []
         for crop, gt in zip(self.val_crops, self.val_labels):
             maps = self.ais_decoder(self._encode(crop.x, False))
-            maps = maps_to_original(maps.cpu(), torch.zeros(gt.shape))[0].numpy()
+            if self.train_frames is not None:
+                maps = maps_to_original(maps.cpu(), torch.zeros(gt.shape))[0].numpy()
+            else:
+                maps = maps.cpu()[0, :, :crop.valid[0], :crop.valid[1]].numpy()
             scores.append(segmentation_scores(instances_from_maps(maps), gt)["msa"])
         return float(np.mean(scores))
 

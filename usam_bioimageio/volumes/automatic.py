@@ -59,7 +59,7 @@ def _check_embeddings(embeddings: Optional[SliceEmbeddings], volume) -> None:
 
 def _slice_embeddings(model: SamModel, plane: np.ndarray, z: int, embeddings: Optional[SliceEmbeddings],
                       tile_shape: Optional[PairLike], halo: Optional[PairLike]):
-    from usam_bioimageio.embeddings.compute import compute_embeddings, compute_tiled_embeddings
+    from usam_bioimageio.embeddings.compute import compute_image_embeddings
 
     if embeddings is not None:
         emb = embeddings[z]
@@ -67,10 +67,7 @@ def _slice_embeddings(model: SamModel, plane: np.ndarray, z: int, embeddings: Op
             raise InputError(f"the embeddings of slice {z} are for shape {tuple(emb.original_shape)}, the slice "
                              f"is {plane.shape[:2]}")
         return emb
-    if tile_shape is not None:
-        return compute_tiled_embeddings(model, plane, tile_shape=tile_shape, halo=(0, 0) if halo is None else halo,
-                                        progress=False)
-    return compute_embeddings(model, plane)
+    return compute_image_embeddings(model, plane, tile_shape=tile_shape, halo=halo, progress=False)
 
 
 def segment_slices(model: SamModel, volume, *, method: str = "ais",

@@ -1,32 +1,25 @@
-"""Probe (issue 13): AIS at a larger pixel scale. Each of the first N `val` images is enlarged S times, run in the
-model's native-size tiles (`usam ais --tile-shape auto`), the maps are resized back; prints the foreground IoU and
-the mSA at µSAM's default thresholds per scale.
+"""Probe (issue 13): AIS at a larger pixel scale. Each of the first N `val` images is enlarged S times and run in
+the model's native-size tiles (`usam ais --tile-shape auto --scale S`), the maps resized back; prints the
+foreground IoU and the mSA at µSAM's default thresholds per scale.
 
 Usage (repository root): .venv/bin/python model_packages/dsb2018_vit_t_256/probes/scale.py FAMILY N S [S ...]
 """
-import sys, time, numpy as np, torch
-from scipy import ndimage
+import sys, time, numpy as np
 from usam_bioimageio.io.datasets import read_split
 from usam_bioimageio.automatic.ais.decoder import ais_maps
 from usam_bioimageio.automatic.ais.postprocess import instances_from_maps
 from usam_bioimageio.evaluation.metrics import segmentation_scores
-from usam_bioimageio.embeddings.compute import compute_embeddings, compute_tiled_embeddings
-from usam_bioimageio.embeddings.types import AUTO_TILING, resolve_tiling
+from usam_bioimageio.embeddings.compute import compute_image_embeddings
+from usam_bioimageio.embeddings.types import AUTO_TILING
 from usam_bioimageio.runtime.model import SamModel
+from usam_bioimageio.runtime.pixel_scale import scale_image
 model = SamModel.load(sys.argv[1]); n = int(sys.argv[2]); scales = [float(s) for s in sys.argv[3:]]
 val = read_split("../shared/data/dsb2018", "val", n)
-def maps_at(image, s):
-    img = image if s == 1 else ndimage.zoom(image.astype(np.float32), (s, s) + (1,) * (image.ndim - 2), order=1)
-    ts, halo = resolve_tiling(AUTO_TILING, None, img.shape, model.image_size)
-    emb = compute_embeddings(model, img) if ts is None else compute_tiled_embeddings(model, img, tile_shape=ts, halo=halo, progress=False)
-    m = ais_maps(model, img, embeddings=emb)
-    if s != 1:
-        m = np.stack([ndimage.zoom(c, (image.shape[0] / c.shape[0], image.shape[1] / c.shape[1]), order=1) for c in m])
-    return m
 for s in scales:
     t = time.time(); res = []
     for img, gt in val:
-        m = maps_at(img, s)
+        emb = compute_image_embeddings(model, scale_image(img, s), tile_shape=AUTO_TILING, progress=False)
+        m = ais_maps(model, img, embeddings=emb, scale=s)
         fg = m[0] > 0.5; g = gt > 0
         res.append(((fg & g).sum() / max(1, (fg | g).sum()), segmentation_scores(instances_from_maps(m), gt)["msa"]))
     r = np.array(res)

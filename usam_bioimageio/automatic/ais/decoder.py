@@ -31,6 +31,7 @@ from usam_bioimageio.runtime.geometry import interpolation_matrix, longest_side_
 from usam_bioimageio.registry import IMAGE_SIZE
 from usam_bioimageio.embeddings.types import TiledEmbeddings
 from usam_bioimageio.progress import progress_bar
+from usam_bioimageio.runtime.pixel_scale import check_scale, resize_maps, scale_image
 from usam_bioimageio.automatic.ais.postprocess import AisParameters, instances_from_maps
 
 __all__ = ["ais_maps", "automatic_instance_segmentation", "maps_to_original"]
@@ -80,7 +81,8 @@ def _tiled_maps(model: SamModel, tiled: TiledEmbeddings, progress: bool) -> np.n
 
 
 def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
-             embeddings: Optional[Union[Embeddings, TiledEmbeddings]] = None, progress: bool = False) -> np.ndarray:
+             embeddings: Optional[Union[Embeddings, TiledEmbeddings]] = None, progress: bool = False,
+             scale: float = 1.0) -> np.ndarray:
     """µSAM's AIS decoder maps of a 2D image: float32 (3, H, W) = foreground probability, centre distances,
     boundary distances (each 0..1), as ``InstanceSegmentationWithDecoder.initialize`` computes them.
 
@@ -91,10 +93,21 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
     (``compute_tiled_embeddings`` or a cache): then the maps are stitched from the tiles' inner blocks
     (``progress`` shows a bar over the tiles).
 
+    ``scale`` (:mod:`usam_bioimageio.runtime.pixel_scale`): the image is resized by this factor before it is
+    encoded (a model trained on enlarged images, ``usam train --scale``) and the maps are resized back to
+    (H, W); ``image`` is then required, and ``embeddings``, if given, are those of the resized image
+    (``scale_image(image, scale)``, tiled or not).
+
     Raises:
-        ValueError: neither image nor embeddings, an invalid image, or embeddings of another image size.
+        ValueError: neither image nor embeddings, an invalid image or scale, or embeddings of another image size.
         PackageError: the family has no AIS package, or the embeddings are from another image encoder.
     """
+    if check_scale(scale) != 1.0:
+        if image is None:
+            raise ValueError("ais_maps with a scale needs the image")
+        image = np.asarray(image)
+        maps = ais_maps(model, scale_image(image, scale), embeddings=embeddings, progress=progress)
+        return resize_maps(maps, image.shape[:2])
     if image is None and embeddings is None:
         raise ValueError("ais_maps needs an image or its embeddings")
     if image is not None:
@@ -125,10 +138,13 @@ def ais_maps(model: SamModel, image: Optional[np.ndarray] = None, *,
 
 def automatic_instance_segmentation(model: SamModel, image: Optional[np.ndarray] = None, *,
                                     embeddings: Optional[Union[Embeddings, TiledEmbeddings]] = None,
-                                    params: AisParameters = AisParameters(), progress: bool = False) -> np.ndarray:
+                                    params: AisParameters = AisParameters(), progress: bool = False,
+                                    scale: float = 1.0) -> np.ndarray:
     """µSAM's automatic instance segmentation with its decoder (2D, tiled or not): labels (H, W) uint32,
     0 = background, objects 1..n numbered as µSAM numbers them. :func:`ais_maps` + ``instances_from_maps``;
-    ``params`` default to µSAM's ``InstanceSegmentationWithDecoder.generate`` defaults."""
+    ``params`` default to µSAM's ``InstanceSegmentationWithDecoder.generate`` defaults. ``scale``: as in
+    :func:`ais_maps` (the post-processing runs on the maps at the image's size, so ``params`` are in its pixels)."""
     if not isinstance(params, AisParameters):
         raise TypeError(f"params must be an AisParameters, got {type(params).__name__}")
-    return instances_from_maps(ais_maps(model, image, embeddings=embeddings, progress=progress), params=params)
+    maps = ais_maps(model, image, embeddings=embeddings, progress=progress, scale=scale)
+    return instances_from_maps(maps, params=params)
