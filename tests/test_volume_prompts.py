@@ -112,7 +112,11 @@ def test_segment_from_mask_equals_micro_sam(name, model, volume, stack, results)
     z = META["from_mask_slice"]
     ours = segment_from_mask(model, stack[z], mask=volume[1][z], **kwargs).masks[0, 0]
     theirs = _unpack(results[f"from_mask_{name}"], ours.shape)
-    assert np.array_equal(ours, theirs), f"{name}: IoU {_iou(ours, theirs):.5f}, {int((ours != theirs).sum())} px differ"
+    # at most one pixel: the references were computed on another machine; on an AVX2-only CPU (AMD EPYC,
+    # 2026-12-07, before and after that day's changes) one pixel of case "mask" differs (IoU 0.99965): a logit
+    # within float rounding of the threshold
+    differ = int((ours != theirs).sum())
+    assert differ <= 1, f"{name}: IoU {_iou(ours, theirs):.5f}, {differ} px differ"
 
 
 VOLUME_KEYS = sorted(META["volume"])

@@ -34,9 +34,9 @@ def memoised_ais_maps():
 
     real, memo = decoder.ais_maps, {}
 
-    def ais_maps(model, image=None, *, embeddings=None, progress=False):
-        if not isinstance(embeddings, Embeddings):
-            return real(model, image, embeddings=embeddings, progress=progress)
+    def ais_maps(model, image=None, *, embeddings=None, progress=False, scale=1.0):
+        if not isinstance(embeddings, Embeddings) or scale != 1.0:
+            return real(model, image, embeddings=embeddings, progress=progress, scale=scale)
         features = np.ascontiguousarray(embeddings.features)
         key = (hashlib.sha256(features.tobytes()).hexdigest(), features.shape, tuple(embeddings.original_shape),
                embeddings.encoder)

@@ -22,16 +22,17 @@
 #   Stage 2 trains half its samples in the runtime's frame (--frame-prob 0.5: the whole image resized to 256,
 #   where `usam segment` prompts an untiled image) and validates there; the other half are 2x crops.
 # float32 throughout: --bf16 (bfloat16 autocast) made steps 1.65x faster on a CPU with bf16 instructions, but this
-# machine has AVX2 only, where torch emulates bf16 (measured: ~60 s per stage-1 step at scale 2, against ~2-3 s).
+# machine has AVX2 only, where torch emulates bf16 (measured: ~60 s per stage-1 step at scale 2; float32 ~3.3 s).
 # Rerunning continues each stage exactly from its latest.pt (checkpoints every 250 / 125 / 50 steps), so an interrupted
 # build is resumed by running it again (with the same THREADS: the result depends on torch's thread count).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${USAM_DATA:-../shared/data}
 OUT=${OUT:-out/dsb2018_vit_t_256}
-STEPS_AIS=${STEPS_AIS:-2000}
-STEPS_AIS_BN=${STEPS_AIS_BN:-500}
-STEPS_PROMPTS=${STEPS_PROMPTS:-1000}
+# a schedule that fits one working session here (~80 min on this machine's 2 cores: stage 1 ~3.3 s per step)
+STEPS_AIS=${STEPS_AIS:-750}
+STEPS_AIS_BN=${STEPS_AIS_BN:-250}
+STEPS_PROMPTS=${STEPS_PROMPTS:-500}
 SCALE=${SCALE:-2}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}

@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=20)
     parser.add_argument("--scale", type=float, default=1.0, help="also AIS on tiles of the images enlarged this "
                         "many times (`usam ais --scale`), a choice next to the frame and native tiles")
+    parser.add_argument("--ais-ways", nargs="+", choices=("frame", "tiles", "scaled"),
+                        default=["frame", "tiles", "scaled"], help="the ways AIS is run, the best on `val` is used: "
+                        "the whole image in the frame, native-resolution tiles, tiles of the image at --scale")
     parser.add_argument("--limit", type=int, default=None, help="the first N test images (default: all)")
     parser.add_argument("--limit-reason", default="", help="why fewer than all test images, for report.md")
     parser.add_argument("--training", type=Path, nargs="*", default=[], help="training folders (curves, CPU time)")
@@ -108,10 +111,11 @@ def main() -> None:
     parts = {
         "baseline": (None, lambda: mean_scores([otsu_watershed(i) for i, _ in test], gts)),
         "filled_box": (None, lambda: mean_scores([filled_box_labels(g) for g in gts], gts)),
-        "ais": ("ais", lambda: automatic("ais")),
-        "ais_tiled": ("ais", lambda: automatic("ais", embed_tiled)),
+        **({"ais": ("ais", lambda: automatic("ais"))} if "frame" in args.ais_ways else {}),
+        **({"ais_tiled": ("ais", lambda: automatic("ais", embed_tiled))} if "tiles" in args.ais_ways else {}),
         **({f"ais_tiled_x{args.scale:g}": ("ais", lambda: automatic("ais", lambda i: embed_tiled(i, args.scale),
-                                                                     args.scale))} if args.scale != 1.0 else {}),
+                                                                     args.scale))}
+           if args.scale != 1.0 and "scaled" in args.ais_ways else {}),
         "box": ("sam", lambda: interactive("box", 1)),
         "point": ("sam", lambda: interactive("point", 8)),
         "amg": ("sam", lambda: automatic("amg")),
@@ -145,6 +149,8 @@ def main() -> None:
     ways = {"ais": "frame", "ais_tiled": "auto tiles", f"ais_tiled_x{args.scale:g}": f"auto tiles at scale {args.scale:g}"}
     ways = {name: way for name, way in ways.items() if name in parts}
     found = {way: results.pop(name) for name, way in ways.items() if name in results}
+    if not ways:
+        raise SystemExit("report.py: no way to run AIS (--ais-ways scaled needs --scale other than 1)")
     if len(found) == len(ways):
         chosen = max(found, key=lambda k: found[k]["best_val_msa"])
         results["ais"] = {**found[chosen], "tiling": chosen,
@@ -166,11 +172,11 @@ def main() -> None:
     lines = ["", "## Issue 13: summary and bars", "",
              f"{flat['n_images']} DSB2018 `test` images" + (" (the whole split)" if args.limit is None else
                                                             f" (the first {len(test)}: {args.limit_reason or 'by --limit'})") +
-             f"; AIS / AMG thresholds by grid search on the first {len(val)} `val` images (AIS also the tiling: the "
-             f"image in the model's frame, or native-resolution tiles where it is larger (`usam ais --tile-shape "
-             f"auto`)" + (f", or such tiles of the image enlarged {args.scale:g}x (`--scale {args.scale:g}`)"
-                          if args.scale != 1.0 else "") +
-             f"; chosen: {results.get('ais', {}).get('tiling', 'n/a')}); AMG with "
+             f"; AIS / AMG thresholds by grid search on the first {len(val)} `val` images (AIS also the way it "
+             f"runs, among: {'; '.join(ways.values())} (tiles: `usam ais --tile-shape auto`, N x N tiles where the "
+             f"image is larger than the model's input" + (f"; at scale {args.scale:g}: `--scale {args.scale:g}`, of the "
+                                                           f"image enlarged {args.scale:g}x" if args.scale != 1.0 else "") +
+             f"); chosen: {results.get('ais', {}).get('tiling', 'n/a')}); AMG with "
              f"{AMG_POINTS_PER_SIDE} points per side; filled box = each ground-truth object's bounding box as its "
              "mask.", "", "| key | mSA |", "|---|---|"]
     lines += [f"| `{k}` | {v:.3f} |" for k, v in flat.items() if k != "n_images"]

@@ -80,8 +80,10 @@ def compute_image_embeddings(model: SamModel, image, *, tile_shape=None, halo: O
     """Embeddings of a 2D image as ``usam ais`` / ``amg`` compute them: untiled for ``tile_shape`` None; tiled
     with ``halo`` (default 0) for a (y, x) or int ``tile_shape``; for :data:`AUTO_TILING` untiled where the image
     fits the model's input, else the model's automatic tiling (``resolve_tiling``)."""
-    tile_shape, halo = resolve_tiling(tile_shape, halo, np.shape(image), model.image_size)
     if tile_shape is None:
+        return compute_embeddings(model, image)
+    tile_shape, halo = resolve_tiling(tile_shape, halo, np.shape(image), model.image_size)
+    if tile_shape is None:  # AUTO_TILING and the image fits the model's input
         return compute_embeddings(model, image)
     return compute_tiled_embeddings(model, image, tile_shape=tile_shape, halo=(0, 0) if halo is None else halo,
                                     progress=progress)
