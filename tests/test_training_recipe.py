@@ -13,8 +13,8 @@ import torch
 
 from usam_bioimageio.training.checkpoints import load_checkpoint
 from conftest import DSB as DATA
-from usam_bioimageio.training.recipe import (RecipeConfig, RecipeTrainer, augment, balanced_bce, enlarged,
-                                             random_crop, runtime_frame)
+from usam_bioimageio.training.recipe import (RecipeConfig, RecipeTrainer, _uint8_like_usam, augment, balanced_bce,
+                                             centre_crop, enlarged, random_crop, runtime_frame)
 
 # the real data must be there: conftest's data_dir fails the run without it (never a silent skip)
 needs_data = pytest.mark.usefixtures("data_dir")
@@ -130,7 +130,8 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     frames, scaled = stage == "ais_frames", stage == "ais_scaled"
     kw = dict(stage=stage.split("_")[0], model_type="vit_t", image_size=256, seed=5, checkpoint_every=2,
               val_every=2, warmup=2, lr=1e-3, ais_crop=2, n_objects=3, n_iterations=2, val_objects=2,
-              frame_prob=0.5 if frames else 0.0, val_msa=frames or scaled, scale=1.5 if scaled else 1.0, bf16=stage.endswith("bf16"),
+              frame_prob=0.5 if frames else 0.0, val_msa=frames or scaled, scale=1.5 if scaled else 1.0,
+              bf16=stage.endswith("bf16"),
               mask_dice=1.0 if stage.endswith("bf16") else 0.0,
               encoder_batchnorm="frozen" if stage.endswith("frozen") else "batch")
     full = RecipeTrainer(pairs, val, RecipeConfig(steps=3, **kw), log=None).fit(tmp_path / "full", progress=False)
@@ -148,6 +149,10 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
     assert drop(full.validation) == drop(resumed.validation)
     if frames or scaled:
         assert all(0.0 <= v["val_ais_msa"] <= 1.0 and v["metric"] == 1.0 - v["val_ais_msa"] for v in full.validation)
+    if scaled:  # validated on the centre crop of the enlarged image, scored against that crop's labels
+        image, labels = val[0]
+        expected = centre_crop(*enlarged(_uint8_like_usam(image), np.asarray(labels).astype(np.int64), 1.5), 256)[1]
+        np.testing.assert_array_equal(full.val_labels[0], expected)
     names = ("history.csv", "curves.png", "latest.pt") + (("validation.csv", "best.pt") if val else ())
     for name in names:
         assert (tmp_path / "part" / name).is_file()

@@ -108,18 +108,24 @@ def main() -> None:
         return {"best": out["best"], "test": out["test"], "grid_size": len(out["val_table"]),
                 "best_val_msa": max(r["msa"] for r in out["val_table"])}
 
+    scaled = f"ais_tiled_x{args.scale:g}"
     parts = {
         "baseline": (None, lambda: mean_scores([otsu_watershed(i) for i, _ in test], gts)),
         "filled_box": (None, lambda: mean_scores([filled_box_labels(g) for g in gts], gts)),
         **({"ais": ("ais", lambda: automatic("ais"))} if "frame" in args.ais_ways else {}),
         **({"ais_tiled": ("ais", lambda: automatic("ais", embed_tiled))} if "tiles" in args.ais_ways else {}),
-        **({f"ais_tiled_x{args.scale:g}": ("ais", lambda: automatic("ais", lambda i: embed_tiled(i, args.scale),
-                                                                     args.scale))}
+        **({scaled: ("ais", lambda: automatic("ais", lambda i: embed_tiled(i, args.scale), args.scale))}
            if args.scale != 1.0 and "scaled" in args.ais_ways else {}),
         "box": ("sam", lambda: interactive("box", 1)),
         "point": ("sam", lambda: interactive("point", 8)),
         "amg": ("sam", lambda: automatic("amg")),
     }
+    # AIS of the whole image in the N x N frame, on native-resolution tiles, or on tiles of the image enlarged
+    # --scale times: the one with the best validation mSA is used
+    ways = {"ais": "frame", "ais_tiled": "auto tiles", scaled: f"auto tiles at scale {args.scale:g}"}
+    ways = {name: way for name, way in ways.items() if name in parts}
+    if not ways:  # before anything is computed
+        raise SystemExit("report.py: no way to run AIS (--ais-ways scaled needs --scale other than 1)")
     results = {"n_val": len(val), "n_test": len(test)}
     fingerprints = {}
     missing = []
@@ -144,13 +150,7 @@ def main() -> None:
                                    indent=1))
         print(f"{name}: {time.time() - t:.0f} s")
     results["interactive"] = {k: results.pop(k) for k in ("box", "point") if k in results}
-    # AIS of the whole image in the N x N frame, on native-resolution tiles, or on tiles of the image enlarged
-    # --scale times: the one with the best validation mSA is used
-    ways = {"ais": "frame", "ais_tiled": "auto tiles", f"ais_tiled_x{args.scale:g}": f"auto tiles at scale {args.scale:g}"}
-    ways = {name: way for name, way in ways.items() if name in parts}
     found = {way: results.pop(name) for name, way in ways.items() if name in results}
-    if not ways:
-        raise SystemExit("report.py: no way to run AIS (--ais-ways scaled needs --scale other than 1)")
     if len(found) == len(ways):
         chosen = max(found, key=lambda k: found[k]["best_val_msa"])
         results["ais"] = {**found[chosen], "tiling": chosen,

@@ -217,7 +217,6 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
 def cmd_ais(args: argparse.Namespace) -> int:
     from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
     from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
-
     from usam_bioimageio.runtime.pixel_scale import check_scale
 
     params = override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)

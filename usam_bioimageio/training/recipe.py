@@ -308,7 +308,7 @@ class RecipeTrainer:
             raise ValueError("no training images")
         frames = cfg.frame_prob > 0
         self.train_frames = [runtime_frame(i, l, cfg.image_size) for i, l in train_data] if frames else None
-        if frames or cfg.val_msa:
+        if frames:
             self.val_crops = [_padded(*runtime_frame(i, l, cfg.image_size), cfg.image_size) for i, l in val_data]
         else:
             self.val_crops = [_to_crop(*centre_crop(*native(i, l), cfg.image_size), cfg.image_size) for i, l in val_data]
