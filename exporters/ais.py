@@ -98,7 +98,7 @@ def script_ais_model(model: AisModel) -> torch.jit.ScriptModule:
 
 def _config(ckpt: Checkpoint, name: str, kind: str, use_conv_transpose: bool, **extra) -> dict:
     params = dataclasses.asdict(AisParameters())
-    return family_config(ckpt.model_type, name, kind, image_size=ckpt.image_size, **{
+    return family_config(ckpt.model_type, name, kind, image_size=ckpt.image_size, pixel_scale=ckpt.pixel_scale, **{
         "channels": list(AIS_CHANNEL_NAMES),
         "decoder": {
             "architecture": "torch_em UNETR decoder (micro-sam 1.8.14 get_unetr: out_channels 3, sigmoid, "
@@ -119,9 +119,18 @@ def _config(ckpt: Checkpoint, name: str, kind: str, use_conv_transpose: bool, **
     })
 
 
-def _documentation(kind: str, name: str, model_type: str, image_size: int = registry.IMAGE_SIZE) -> str:
+def _documentation(kind: str, name: str, model_type: str, image_size: int = registry.IMAGE_SIZE,
+                   pixel_scale: float = 1.0) -> str:
     params = AisParameters()
     size = image_size
+    scale_note = "" if pixel_scale == 1.0 else f"""
+## Pixel scale {pixel_scale:g}
+
+This model was trained on images enlarged {pixel_scale:g} times (`config.usam.pixel_scale`) and segments best at
+that scale: enlarge the image {pixel_scale:g} times (bilinear) before it goes in, resize the maps back to the
+image's size, then post-process them (the options below stay in the image's pixels). `usam ais` does this by
+default (`--scale 1` runs the model on the image as it is).
+"""
     common = f"""
 ## What the maps are
 
@@ -171,7 +180,7 @@ To get the maps of an image of height h and width w: with `scale = {size} / max(
 centres and no antialiasing (`torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`), as
 µSAM's `postprocess_masks` does. The family's end-to-end `ais` package does this in its graph.
 """
-    return head + common
+    return head + scale_note + common
 
 
 def _cover(sample: Sample, maps: np.ndarray, work: Path, stem: str) -> Path:
@@ -253,7 +262,7 @@ def write_ais_packages(
             formats=formats,
             test=test,
             tags=tags + ["decoder"],
-            documentation=_documentation("ais_head", name, checkpoint.model_type, size),
+            documentation=_documentation("ais_head", name, checkpoint.model_type, size, checkpoint.pixel_scale),
             covers=[head_cover],
             config=_config(checkpoint, name, "ais_head", conv_t, output_frame="padded",
                            image_encoder={"name": f"{name} image encoder", "identity": encoder_sha}),
@@ -282,7 +291,7 @@ def write_ais_packages(
             formats=formats,
             test=test,
             tags=tags,
-            documentation=_documentation("ais", name, checkpoint.model_type, size),
+            documentation=_documentation("ais", name, checkpoint.model_type, size, checkpoint.pixel_scale),
             covers=[head_cover],
             config=_config(checkpoint, name, "ais", conv_t, output_frame="image", sample=sample.source,
                            whole_image=whole_image_note(size)),

@@ -100,7 +100,8 @@ def _encoder_package(ckpt: Checkpoint, sample: Sample, name: str, out: Path, for
         tags=["segment-anything", "micro-sam", "image-encoder", "embeddings", ckpt.model_type],
         covers=[cover],
         documentation=encoder_documentation(name, ckpt.model_type, ckpt.image_size),
-        config=family_config(ckpt.model_type, name, "image_encoder", image_size=ckpt.image_size, sample=sample.source,
+        config=family_config(ckpt.model_type, name, "image_encoder", image_size=ckpt.image_size,
+                             pixel_scale=ckpt.pixel_scale, sample=sample.source,
                              whole_image=whole_image_note(ckpt.image_size)),
     )
     return embeddings
@@ -160,7 +161,7 @@ def _decoder_package(ckpt: Checkpoint, sample: Sample, embeddings: np.ndarray, e
         formats=formats,
         tags=["segment-anything", "micro-sam", "prompt-decoder", "interactive-segmentation", ckpt.model_type],
         covers=[cover],
-        config=family_config(ckpt.model_type, name, "prompt_decoder", image_size=size,
+        config=family_config(ckpt.model_type, name, "prompt_decoder", image_size=size, pixel_scale=ckpt.pixel_scale,
                              image_encoder={"name": f"{name} image encoder", "identity": encoder_sha}),
     )
 

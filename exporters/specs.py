@@ -698,17 +698,23 @@ def embedding_axes(image_size: int = registry.IMAGE_SIZE) -> list:
     return [Batch(1), channel(*[f"e{i}" for i in range(registry.EMBEDDING_DIM)]), Space("y", side), Space("x", side)]
 
 
-def family_config(model_type: str, name: str, kind: str, *, image_size: int = registry.IMAGE_SIZE, **extra) -> dict:
+def family_config(model_type: str, name: str, kind: str, *, image_size: int = registry.IMAGE_SIZE,
+                  pixel_scale: float = 1.0, **extra) -> dict:
     """``config.usam`` of every package of a family: what it is and the SAM geometry it was exported with
-    (``image_size``: the model's input size N; embeddings N/16, low-resolution masks N/4)."""
+    (``image_size``: the model's input size N; embeddings N/16, low-resolution masks N/4). ``pixel_scale``, recorded
+    only when it is not 1 (a package of a SAM / µSAM checkpoint stays as it was): the model was trained on images
+    enlarged that many times and segments best on images enlarged so (``usam ais`` does it by default)."""
     from usam_bioimageio import __version__
+    from usam_bioimageio.runtime.pixel_scale import check_scale
 
     side = registry.embedding_size(image_size)
+    scale = check_scale(pixel_scale)
     return {
         "kind": kind,
         "family": name,
         "model_type": model_type,
         "image_size": int(image_size),
+        **({} if scale == 1.0 else {"pixel_scale": scale}),
         "embedding_shape": [registry.EMBEDDING_DIM, side, side],
         "pixel_mean": list(registry.PIXEL_MEAN),
         "pixel_std": list(registry.PIXEL_STD),

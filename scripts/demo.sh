@@ -29,7 +29,9 @@ fi
 .venv/bin/usam embed --model "$OUT/family" --image "$IMAGE" --out "$OUT/embeddings.npz" --overwrite
 .venv/bin/usam segment --model "$OUT/family" --image "$IMAGE" --prompts "$OUT/prompts.json" \
   --embeddings "$OUT/embeddings.npz" --out "$OUT/labels.tif" --overlay "$OUT/overlay.png" --overwrite
-# AIS thresholds: the ones chosen by grid search on DSB2018 `val` (model_packages/dsb2018_vit_t_256/report/)
-.venv/bin/usam ais --model "$OUT/family" --image "$IMAGE" --embeddings "$OUT/embeddings.npz" \
+# AIS thresholds: the ones chosen by grid search on DSB2018 `val` (model_packages/dsb2018_vit_t_256/report/); AIS
+# encodes the image itself: at the model's pixel scale (config.usam.pixel_scale), tiled where the enlarged image
+# exceeds the model's input size
+.venv/bin/usam ais --model "$OUT/family" --image "$IMAGE" --tile-shape auto \
   --center-distance-threshold 0.6 --boundary-distance-threshold 0.7 --distance-smoothing 1.2 \
   --out "$OUT/ais_labels.tif" --overlay "$OUT/ais_overlay.png" --overwrite

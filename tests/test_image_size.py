@@ -31,6 +31,7 @@ from usam_bioimageio.runtime.model import SamModel
 from usam_bioimageio.runtime.packages import Family
 
 SIZE = 256
+PIXEL_SCALE = 2.0  # the test model records it as the pixel scale it was trained at (`usam ais` runs it so by default)
 SEED, AIS_SEED = 0, 3
 CI_FORMATS = ("onnx",)  # the format exported (and gated) for the fast tests; the slow test gates all three
 TILING = dict(tile_shape=(192, 192), halo=(32, 32))  # the auto tiling at 256
@@ -55,7 +56,8 @@ def checkpoint(tmp_path_factory, torch_sam, ais_state):
     from usam_bioimageio.training.checkpoints import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt-256") / "vit_t_256.pt"
-    return save_checkpoint(path, sam_state=torch_sam.state_dict(), decoder_state=ais_state, image_size=SIZE)
+    return save_checkpoint(path, sam_state=torch_sam.state_dict(), decoder_state=ais_state, image_size=SIZE,
+                           pixel_scale=PIXEL_SCALE)
 
 
 def _export(tmp_path_factory, checkpoint, formats):
@@ -138,7 +140,7 @@ def test_checkpoint_records_its_size(checkpoint):
     from usam_bioimageio.training.checkpoints import load_checkpoint
 
     assert torch.load(checkpoint, weights_only=True)["image_size"] == SIZE
-    assert load_checkpoint(checkpoint).image_size == SIZE
+    assert load_checkpoint(checkpoint).image_size == SIZE and load_checkpoint(checkpoint).pixel_scale == PIXEL_SCALE
 
 
 def _rdf(family, kind):
@@ -160,6 +162,7 @@ def test_every_package_records_the_size(family, model):
         rdf = _rdf(family, kind)
         usam = rdf["config"]["usam"]
         assert usam["image_size"] == SIZE and usam["embedding_shape"] == [256, 16, 16], kind
+        assert usam["pixel_scale"] == PIXEL_SCALE, kind
         assert usam["resize"].startswith("longest side to 256,"), kind
         assert set(rdf["weights"]) == set(CI_FORMATS), kind
         if "whole_image" in usam:
@@ -176,6 +179,11 @@ def test_every_package_records_the_size(family, model):
         doc = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".md"))
     assert "resize to 256" in doc and "256 x 16 x 16" in doc
     assert model.image_size == SIZE and model.family.image_size == SIZE
+    assert model.pixel_scale == PIXEL_SCALE
+    for kind in ("ais", "ais_head"):
+        with zipfile.ZipFile(family / f"{kind}.zip") as zf:
+            doc = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".md"))
+        assert "## Pixel scale 2\n" in doc and "enlarge the image 2 times" in doc, kind
 
 
 def test_pytorch_state_dict_architectures_take_the_size(checkpoint, family):
@@ -373,8 +381,10 @@ def test_ais_at_a_pixel_scale_equals_torch(model, torch_sam, ais_state, dsb_imag
 
 
 def test_cli_ais_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
-    """`usam ais --scale 2 --tile-shape auto`: the image enlarged 2x, tiled at the model's size, the maps resized
-    back: the API's labels, at the image's size; a bad scale and --scale with --embeddings are usage errors."""
+    """`usam ais --tile-shape auto` of a model trained at pixel scale 2 (config.usam.pixel_scale): the image enlarged
+    2x, tiled at the model's size, the maps resized back: the API's labels at scale 2, at the image's size (as
+    `--scale 2`); a bad scale, --scale with --embeddings, and the model's scale with embeddings or a stack are usage
+    errors."""
     import tifffile
 
     from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
@@ -386,7 +396,7 @@ def test_cli_ais_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
     crop = dsb_image[:200, :180]  # 400 x 360 at scale 2: 3 x 2 tiles of 192 (+ halo 32)
     tifffile.imwrite(tmp_path / "img.tif", crop)
     assert main(["ais", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
-                 str(tmp_path / "labels.tif"), "--tile-shape", "auto", "--scale", "2", "--boundary-distance-threshold",
+                 str(tmp_path / "labels.tif"), "--tile-shape", "auto", "--boundary-distance-threshold",
                  "0.7", "--quiet"]) == 0  # the seeded decoder's maps give seeds there
     tiled = compute_image_embeddings(model, scale_image(crop, 2), tile_shape="auto", progress=False)
     assert len(tiled) == 6
@@ -394,14 +404,48 @@ def test_cli_ais_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
                                                params=AisParameters(boundary_distance_threshold=0.7))
     labels = tifffile.imread(tmp_path / "labels.tif")
     assert labels.shape == crop.shape[:2] and labels.max() > 0 and np.array_equal(labels, expected)
+    assert main(["ais", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
+                 str(tmp_path / "explicit.tif"), "--tile-shape", "auto", "--scale", "2", "--boundary-distance-threshold",
+                 "0.7", "--quiet"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "explicit.tif"), labels)
+    assert main(["embed", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--cache",
+                 str(tmp_path / "e.zarr"), "--quiet"]) == 0
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([crop] * 2))
     capsys.readouterr()
-    for extra, message in ((["--scale", "0"], "--scale: scale must be > 0 and at most 8, got 0"),
-                           (["--scale", "2", "--embeddings", str(tmp_path / "e.npz")],
-                            "--scale encodes the resized image; do not give --embeddings with it")):
-        assert main(["ais", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
+    refused = "this model runs at pixel scale 2 (config.usam.pixel_scale), which {} cannot; give --scale 1 to " \
+              "segment at the image's own scale"
+    for image, extra, message in (
+            ("img.tif", ["--scale", "0"], "--scale: scale must be > 0 and at most 8, got 0"),
+            ("img.tif", ["--scale", "2", "--embeddings", str(tmp_path / "e.zarr")],
+             "--scale encodes the resized image; do not give --embeddings with it"),
+            ("img.tif", ["--embeddings", str(tmp_path / "e.zarr")],
+             refused.format("embeddings (of the image as it is)")),
+            ("stack.tif", [], refused.format("a stack (3D segmentation)"))):
+        assert main(["ais", "--model", str(family), "--image", str(tmp_path / image), "--out",
                      str(tmp_path / "never.tif"), "--quiet", *extra]) == 2
         assert capsys.readouterr().err.strip() == f"usam ais: error: {message}"
     assert not (tmp_path / "never.tif").exists()
+
+
+def test_usam_evaluate_runs_ais_at_the_models_pixel_scale(model, monkeypatch, tmp_path):
+    """`usam evaluate` (run_evaluation): AIS at the model's pixel scale (its own embeddings of the enlarged images),
+    AMG at scale 1 with the shared embeddings; the report names the scale."""
+    import usam_bioimageio.evaluation.automatic as automatic
+    from usam_bioimageio.evaluation.report import run_evaluation, write_report
+
+    seen = {}
+
+    def evaluate(model, val_pairs, test_pairs, *, mode, progress, embed, scale=1.0):
+        seen[mode] = (scale, embed)
+        return {"best": {"min_size": 5}, "val_table": [{"msa": 0.25}], "test": {"msa": 0.5, "sa50": 0.6, "sa75": 0.4}}
+
+    monkeypatch.setattr(automatic, "evaluate_automatic", evaluate)
+    results = run_evaluation(model, [], [], modes=["ais", "amg"], progress=False)
+    assert seen["ais"] == (PIXEL_SCALE, None) and seen["amg"][0] == 1.0 and callable(seen["amg"][1])
+    assert results["ais"]["pixel_scale"] == PIXEL_SCALE and results["amg"]["pixel_scale"] == 1.0
+    report = write_report(results, tmp_path / "report", title="t", command="c").read_text()
+    assert "| AIS (µSAM decoder) at pixel scale 2; val-chosen min_size 5 | 0.500 |" in report
+    assert "| AMG (point grid); val-chosen min_size 5 | 0.500 |" in report
 
 
 def test_amg_masks_are_the_decoders(model, dsb_setup, dsb_image, dsb_tiled):
@@ -533,7 +577,7 @@ def test_cli_auto_tiling(model, family, dsb_image, dsb_tiled, tmp_path, capsys):
 
     tifffile.imwrite(tmp_path / "img.tif", dsb_image)
     assert main(["ais", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
-                 str(tmp_path / "labels.tif"), "--tile-shape", "auto", "--quiet"]) == 0
+                 str(tmp_path / "labels.tif"), "--tile-shape", "auto", "--scale", "1", "--quiet"]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "labels.tif"),
                           automatic_instance_segmentation(model, dsb_image, embeddings=dsb_tiled))
     tifffile.imwrite(tmp_path / "crop.tif", dsb_image[:300, :300])  # 2 x 2 tiles of 192 (+ halo 32)
@@ -582,6 +626,14 @@ def test_bad_sizes_are_one_line_errors(family, tmp_path, capsys):
     (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
     with pytest.raises(PackageError, match=r"different input sizes \(image_encoder 256, prompt_decoder 512\)"):
         SamModel.load(mixed)
+    rdf["config"]["usam"]["image_size"] = SIZE
+    for scale, error in ((0, r"config.usam.pixel_scale: scale must be > 0"),
+                         (3, r"different pixel scales \(image_encoder 2, prompt_decoder 3\)")):
+        rdf["config"]["usam"]["pixel_scale"] = scale
+        (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+        with pytest.raises(PackageError, match=error) as err:
+            SamModel.load(mixed)
+        assert "\n" not in str(err.value)
     # a checkpoint recording one: `usam export` fails with one line and exit status 1
     from usam_bioimageio.modeling import seeded_sam
 

@@ -59,3 +59,30 @@ def test_evaluation_scales_ais_only():
 
     with pytest.raises(ValueError, match="scale is for mode 'ais', not 'amg'"):
         evaluate_automatic(None, [], [], mode="amg", scale=2)
+
+
+def test_checkpoints_carry_the_pixel_scale(tmp_path):
+    """Every way of saving a checkpoint records a pixel scale other than 1 (and nothing for 1, so µSAM's layout
+    stays as it is); loading reads it back, a compact file included; a bad recorded value is a one-line error."""
+    from usam_bioimageio.modeling import seeded_sam
+    from usam_bioimageio.training.checkpoints import (PIXEL_SCALE_KEY, load_checkpoint, save_checkpoint,
+                                                      save_compact_checkpoint, save_training_checkpoint)
+
+    state = seeded_sam("vit_t", seed=0, image_size=256).state_dict()
+    for save in (save_checkpoint, save_compact_checkpoint, save_training_checkpoint):
+        plain = save(tmp_path / f"{save.__name__}_1.pt", sam_state=state, image_size=256)
+        assert PIXEL_SCALE_KEY not in torch.load(plain, weights_only=True)
+        assert load_checkpoint(plain).pixel_scale == 1.0
+        scaled = save(tmp_path / f"{save.__name__}_2.pt", sam_state=state, image_size=256, pixel_scale=2)
+        assert torch.load(scaled, weights_only=True)[PIXEL_SCALE_KEY] == 2.0
+        ckpt = load_checkpoint(scaled)
+        assert ckpt.pixel_scale == 2.0 and ckpt.image_size == 256
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        save_checkpoint(tmp_path / "never.pt", sam_state=state, image_size=256, pixel_scale=0)
+    assert not (tmp_path / "never.pt").exists()
+    obj = torch.load(scaled, weights_only=True)
+    obj[PIXEL_SCALE_KEY] = 20.0
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"'pixel_scale': scale must be > 0 and at most 8, got 20") as err:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "\n" not in str(err.value)

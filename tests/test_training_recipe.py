@@ -153,6 +153,8 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path, stage):
         image, labels = val[0]
         expected = centre_crop(*enlarged(_uint8_like_usam(image), np.asarray(labels).astype(np.int64), 1.5), 256)[1]
         np.testing.assert_array_equal(full.val_labels[0], expected)
+    # the checkpoints record the scale the model was trained at (the exporter's config.usam.pixel_scale)
+    assert load_checkpoint(tmp_path / "part" / "latest.pt").pixel_scale == (1.5 if scaled else 1.0)
     names = ("history.csv", "curves.png", "latest.pt") + (("validation.csv", "best.pt") if val else ())
     for name in names:
         assert (tmp_path / "part" / name).is_file()

@@ -49,4 +49,5 @@ AIS_FROM=$(resume "$OUT/ais" "")
   --checkpoint "$(resume "$OUT/prompts" "$OUT/ais_frozen_bn/best.pt")" \
   --steps "$STEPS_PROMPTS" --frame-prob 0.5 --lr 5e-4 --warmup 50 --n-objects 16 --n-iterations 3 --mask-dice 1 --checkpoint-every 50 \
   --val-every 50
-.venv/bin/python scripts/compact_checkpoint.py "$OUT/prompts/best.pt" model_packages/dsb2018_vit_t_256/vit_t_256_dsb2018.pt
+.venv/bin/python scripts/compact_checkpoint.py "$OUT/prompts/best.pt" model_packages/dsb2018_vit_t_256/vit_t_256_dsb2018.pt \
+  --pixel-scale "$SCALE"  # the packages record it (config.usam.pixel_scale): `usam ais` runs the model at it

@@ -79,9 +79,12 @@ def run_evaluation(model, val_pairs: Sequence[Pair], test_pairs: Sequence[Pair],
         }
     for mode in ("ais", "amg"):
         if mode in modes:
-            out = evaluate_automatic(model, val_pairs, test_pairs, mode=mode, progress=progress, embed=embed)
+            # AIS at the model's pixel scale, as `usam ais` runs it (the embeddings of the enlarged images, not shared)
+            scale = model.pixel_scale if mode == "ais" else 1.0
+            out = evaluate_automatic(model, val_pairs, test_pairs, mode=mode, progress=progress,
+                                     embed=embed if scale == 1.0 else None, scale=scale)
             results[mode] = {"best": out["best"], "test": out["test"], "grid_size": len(out["val_table"]),
-                             "best_val_msa": max(r["msa"] for r in out["val_table"])}
+                             "best_val_msa": max(r["msa"] for r in out["val_table"]), "pixel_scale": scale}
     return results
 
 
@@ -142,7 +145,9 @@ def _write_files(results: Dict[str, Any], out_dir: Path, *, title: str, command:
     for mode, name in (("ais", "AIS (µSAM decoder)"), ("amg", "AMG (point grid)")):
         if mode in results:
             best = ", ".join(f"{k} {v}" for k, v in results[mode]["best"].items())
-            lines.append(_row(f"{name}; val-chosen {best}", results[mode]["test"]))
+            scale = results[mode].get("pixel_scale", 1.0)
+            at = f" at pixel scale {scale:g}" if scale != 1.0 else ""
+            lines.append(_row(f"{name}{at}; val-chosen {best}", results[mode]["test"]))
     inter = results.get("interactive", {})
     for start, r in inter.items():
         for k in sorted({0, len(r["msa"]) - 1}):

@@ -52,5 +52,11 @@ class SamModel:
         return self.family.image_size
 
     @property
+    def pixel_scale(self) -> float:
+        """The pixel scale the model was trained at (``config.usam.pixel_scale``, 1 unless recorded): pass it as the
+        ``scale`` of ``automatic_instance_segmentation`` / ``ais_maps``, as ``usam ais`` does by default."""
+        return self.family.pixel_scale
+
+    @property
     def model_type(self) -> str:
         return next(iter(self.family.packages.values())).model_type

@@ -92,6 +92,17 @@ class Package:
             raise PackageError(f"package {self.name!r}: config.usam.image_size: {err}") from None
 
     @property
+    def pixel_scale(self) -> float:
+        """The pixel scale the model was trained at (``config.usam.pixel_scale``; 1 for packages that record none):
+        it segments best on images enlarged this many times (``runtime.pixel_scale``)."""
+        from usam_bioimageio.runtime.pixel_scale import check_scale
+
+        try:
+            return check_scale(self.config.get("pixel_scale", 1.0))
+        except (TypeError, ValueError) as err:
+            raise PackageError(f"package {self.name!r}: config.usam.pixel_scale: {err}") from None
+
+    @property
     def weight_formats(self) -> tuple:
         return tuple(self.rdf.get("weights", {}))
 
@@ -153,6 +164,11 @@ class Family:
     def image_size(self) -> int:
         """The input size N of the family's model (its packages agree: :func:`check_siblings`)."""
         return next(iter(self.packages.values())).image_size
+
+    @property
+    def pixel_scale(self) -> float:
+        """The pixel scale the family's model was trained at (its packages agree: :func:`check_siblings`)."""
+        return next(iter(self.packages.values())).pixel_scale
 
 
 def _find_rdf(folder: Path) -> Path:
@@ -729,11 +745,16 @@ def check_embeddings(package: Package, embeddings, what: str = "these embeddings
 
 def check_siblings(family: Family) -> None:
     """Refuse a family whose decoders were exported for another image encoder than the one present, or whose
-    packages record different input sizes."""
+    packages record different input sizes or pixel scales."""
     sizes = {kind: package.image_size for kind, package in family.packages.items()}
     if len(set(sizes.values())) > 1:
         raise PackageError("the packages of this family are for different input sizes ("
                            + ", ".join(f"{kind} {size}" for kind, size in sizes.items())
+                           + "): packages of different models are mixed")
+    scales = {kind: package.pixel_scale for kind, package in family.packages.items()}
+    if len(set(scales.values())) > 1:
+        raise PackageError("the packages of this family record different pixel scales ("
+                           + ", ".join(f"{kind} {scale:g}" for kind, scale in scales.items())
                            + "): packages of different models are mixed")
     if "image_encoder" not in family:
         return

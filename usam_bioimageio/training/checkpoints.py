@@ -36,13 +36,17 @@ from usam_bioimageio.io import download
 from usam_bioimageio.registry import ARCHITECTURES, IMAGE_SIZE, PATCH_SIZE, PUBLISHED_MODELS, PublishedModel, check_image_size
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "save_compact_checkpoint", "save_training_checkpoint",
-           "SAM_PREFIX", "IMAGE_SIZE_KEY"]
+           "SAM_PREFIX", "IMAGE_SIZE_KEY", "PIXEL_SCALE_KEY"]
 
 SAM_PREFIX = "sam."  # µSAM TrainableSAM wrapper (micro_sam.training.trainable_sam)
 _SAM_COMPONENTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 # Top-level key of the model's input size (registry.IMAGE_SIZES), written only when it is not SAM's 1024: a
 # 1024 file stays exactly µSAM's layout, and every file without the key (SAM, MobileSAM, µSAM) is 1024.
 IMAGE_SIZE_KEY = "image_size"
+# Top-level key of the pixel scale the model was trained at (`usam train --scale S`: crops of images enlarged S
+# times), written only when it is not 1, like IMAGE_SIZE_KEY; the exporter records it as config.usam.pixel_scale
+# and `usam ais` runs the model at it by default.
+PIXEL_SCALE_KEY = "pixel_scale"
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +58,7 @@ class Checkpoint:
     decoder_state: Optional[Dict[str, Tensor]]
     source: str
     image_size: int = IMAGE_SIZE  # the encoder's input side (registry.IMAGE_SIZES)
+    pixel_scale: float = 1.0  # the scale the model was trained at: it segments images enlarged this many times
 
     @property
     def has_decoder(self) -> bool:
@@ -147,12 +152,13 @@ def _strip_prefix(state: Mapping, prefix: str, where: str) -> Dict:
 
 
 def _split(obj, where: str):
-    """(sam_state, decoder_state, recorded image size or None) from a loaded object in any supported layout."""
+    """(sam_state, decoder_state, recorded image size or None, pixel scale) from a loaded object in any supported
+    layout (the pixel scale is 1 unless recorded)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where} does not hold a SAM state dict: it holds a {type(obj).__name__}")
     if COMPACT_KEY in obj:
         obj = {k: _dequantize(v, where) for k, v in obj.items() if k != COMPACT_KEY}
-    recorded = None
+    recorded, pixel_scale = None, 1.0
     if "model_state" in obj:
         model_state, decoder_state = obj["model_state"], obj.get("decoder_state")
         if IMAGE_SIZE_KEY in obj:
@@ -160,6 +166,8 @@ def _split(obj, where: str):
                 recorded = check_image_size(obj[IMAGE_SIZE_KEY])
             except ValueError as e:
                 raise ValueError(f"{where}: {IMAGE_SIZE_KEY!r}: {e}") from None
+        if PIXEL_SCALE_KEY in obj:
+            pixel_scale = _pixel_scale(obj[PIXEL_SCALE_KEY], where)
     else:
         model_state, decoder_state = obj, None
     if not isinstance(model_state, Mapping):
@@ -173,7 +181,16 @@ def _split(obj, where: str):
         )
     if decoder_state is not None:
         decoder_state = _tensor_dict(decoder_state, "'decoder_state'", where)
-    return sam_state, decoder_state, recorded
+    return sam_state, decoder_state, recorded, pixel_scale
+
+
+def _pixel_scale(value, where: str) -> float:
+    from usam_bioimageio.runtime.pixel_scale import check_scale
+
+    try:
+        return check_scale(value.item() if isinstance(value, Tensor) else value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{where}: {PIXEL_SCALE_KEY!r}: {e}") from None
 
 
 def _image_size(sam_state: Dict[str, Tensor], recorded: Optional[int], where: str) -> int:
@@ -277,7 +294,7 @@ def load_checkpoint(
 
     where = f"checkpoint {label}" if label == str(path) else f"checkpoint {label} ({path})"
     fetched = entry is not None or label != str(path)
-    sam_state, decoder_state, recorded = _split(_load_fetched(path, entry.url if entry else label) if fetched
+    sam_state, decoder_state, recorded, pixel_scale = _split(_load_fetched(path, entry.url if entry else label) if fetched
                                       else _torch_load(path), where)
     if decoder_path is not None:
         if decoder_state is not None:
@@ -291,7 +308,7 @@ def load_checkpoint(
     if expected is not None and detected != expected:
         raise ValueError(f"{where}: the weights are {detected}, not the requested model type {model_type!r}")
     return Checkpoint(model_type=detected, sam_state=sam_state, decoder_state=decoder_state, source=label,
-                      image_size=_image_size(sam_state, recorded, where))
+                      image_size=_image_size(sam_state, recorded, where), pixel_scale=pixel_scale)
 
 
 def as_micro_sam_infers(ckpt: Checkpoint) -> Checkpoint:
@@ -308,7 +325,8 @@ def as_micro_sam_infers(ckpt: Checkpoint) -> Checkpoint:
         return ckpt
     state = {k: (torch.zeros_like(v) if k.endswith(".attention_biases") else v) for k, v in ckpt.sam_state.items()}
     return Checkpoint(model_type=ckpt.model_type, sam_state=state, decoder_state=ckpt.decoder_state,
-                      source=f"{ckpt.source} (attention biases as micro-sam infers: zero)", image_size=ckpt.image_size)
+                      source=f"{ckpt.source} (attention biases as micro-sam infers: zero)", image_size=ckpt.image_size,
+                      pixel_scale=ckpt.pixel_scale)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -361,13 +379,14 @@ def save_compact_checkpoint(
     sam_state: Mapping[str, Tensor],
     decoder_state: Optional[Mapping[str, Tensor]] = None,
     image_size: int = IMAGE_SIZE,
+    pixel_scale: float = 1.0,
 ) -> Path:
     """Write a compact file: µSAM's layout with weights as int8 per output channel (about a quarter of float32;
     the relative error per weight is at most 1/254 of its channel's largest magnitude). :func:`load_checkpoint`
     reads it dequantized, so everything exported from it uses exactly those dequantized weights."""
     where = f"save_compact_checkpoint({path})"
     state = {"model_state": _quantize(_tensor_dict(sam_state, "sam_state", where)),
-             COMPACT_KEY: {"version": torch.tensor(1)}, **_size_entry(image_size)}
+             COMPACT_KEY: {"version": torch.tensor(1)}, **_facts(image_size, pixel_scale, where)}
     if decoder_state is not None:
         state["decoder_state"] = _quantize(_tensor_dict(decoder_state, "decoder_state", where))
     return _save_atomic(Path(path), state)
@@ -379,6 +398,7 @@ def save_checkpoint(
     sam_state: Mapping[str, Tensor],
     decoder_state: Optional[Mapping[str, Tensor]] = None,
     image_size: int = IMAGE_SIZE,
+    pixel_scale: float = 1.0,
 ) -> Path:
     """Write ``{"model_state": sam_state[, "decoder_state": decoder_state]}`` (µSAM's layout) atomically.
 
@@ -387,7 +407,7 @@ def save_checkpoint(
     """
     path = Path(path)
     where = f"save_checkpoint({path})"
-    state = {"model_state": _tensor_dict(sam_state, "sam_state", where), **_size_entry(image_size)}
+    state = {"model_state": _tensor_dict(sam_state, "sam_state", where), **_facts(image_size, pixel_scale, where)}
     if decoder_state is not None:
         state["decoder_state"] = _tensor_dict(decoder_state, "decoder_state", where)
     return _save_atomic(path, state)
@@ -399,6 +419,7 @@ def save_training_checkpoint(
     sam_state: Mapping[str, Tensor],
     decoder_state: Optional[Mapping[str, Tensor]] = None,
     image_size: int = IMAGE_SIZE,
+    pixel_scale: float = 1.0,
     **extra,
 ) -> Path:
     """Write a finetuning checkpoint as µSAM's trainer does: ``{"model_state": {"sam." + key: tensor}[,
@@ -406,16 +427,18 @@ def save_training_checkpoint(
     path = Path(path)
     where = f"save_training_checkpoint({path})"
     sam = _tensor_dict(sam_state, "sam_state", where)
-    state = {"model_state": {SAM_PREFIX + k: v for k, v in sam.items()}, **extra, **_size_entry(image_size)}
+    state = {"model_state": {SAM_PREFIX + k: v for k, v in sam.items()}, **extra, **_facts(image_size, pixel_scale, where)}
     if decoder_state is not None:
         state["decoder_state"] = _tensor_dict(decoder_state, "decoder_state", where)
     return _save_atomic(path, state)
 
 
-def _size_entry(image_size: int) -> dict:
-    """``{IMAGE_SIZE_KEY: size}`` for a size other than 1024, else nothing (see IMAGE_SIZE_KEY)."""
-    size = check_image_size(image_size)
-    return {} if size == IMAGE_SIZE else {IMAGE_SIZE_KEY: size}
+def _facts(image_size: int, pixel_scale: float, where: str) -> dict:
+    """``{IMAGE_SIZE_KEY: size}`` for a size other than 1024 and ``{PIXEL_SCALE_KEY: scale}`` for a scale other
+    than 1, else nothing (see IMAGE_SIZE_KEY and PIXEL_SCALE_KEY)."""
+    size, scale = check_image_size(image_size), _pixel_scale(pixel_scale, where)
+    return {**({} if size == IMAGE_SIZE else {IMAGE_SIZE_KEY: size}),
+            **({} if scale == 1.0 else {PIXEL_SCALE_KEY: scale})}
 
 
 def _save_atomic(path: Path, state: dict) -> Path:

@@ -573,7 +573,8 @@ class RecipeTrainer:
     def save(self, path: Path) -> Path:
         decoder = self.ais_decoder.state_dict() if self.ais_decoder is not None else None
         return save_training_checkpoint(path, sam_state=self.sam.state_dict(), decoder_state=decoder,
-                                        image_size=self.config.image_size, model_type=self.config.model_type,
+                                        image_size=self.config.image_size, pixel_scale=self.config.scale,
+                                        model_type=self.config.model_type,
                                         iteration=self.step, best_metric=self.best_metric, **{STATE_KEY: self.state()})
 
     def resume(self, path: Path) -> None:
