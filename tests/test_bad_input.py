@@ -17,6 +17,7 @@ import socket
 import struct
 import tempfile
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -1015,13 +1016,16 @@ def test_damaged_chunk_of_a_complete_cache_is_an_error_not_zeros(damage, tmp_pat
         load_cache(cache)[0]
 
 
+_FAKE_MODEL = types.SimpleNamespace(pixel_scale=1.0)  # what `usam ais` reads of a model besides the faked calls
+
+
 def _fake_automatic(monkeypatch, labels):
     """usam ais without a model: the model, the embeddings and the segmentation are stand-ins."""
     import usam_bioimageio.automatic.ais.decoder as decoder
     import usam_bioimageio.cli.automatic as automatic
     from usam_bioimageio.runtime.model import SamModel
 
-    monkeypatch.setattr(SamModel, "load", classmethod(lambda cls, *args, **kwargs: object()))
+    monkeypatch.setattr(SamModel, "load", classmethod(lambda cls, *args, **kwargs: _FAKE_MODEL))
     monkeypatch.setattr(automatic, "_embeddings_for_job", lambda *args, **kwargs: None)
     monkeypatch.setattr(decoder, "automatic_instance_segmentation", lambda *args, **kwargs: labels)
 
@@ -1054,7 +1058,7 @@ def test_ais_folder_pipeline_keeps_each_image_with_its_own_result(tmp_path, caps
     from usam_bioimageio.runtime.model import SamModel
 
     monkeypatch.setenv("USAM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(SamModel, "load", classmethod(lambda cls, *args, **kwargs: object()))
+    monkeypatch.setattr(SamModel, "load", classmethod(lambda cls, *args, **kwargs: _FAKE_MODEL))
 
     def embeddings(model, image, *args, **kwargs):
         if int(image[0, 0]) == 4:
