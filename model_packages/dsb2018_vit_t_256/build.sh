@@ -29,10 +29,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${USAM_DATA:-../shared/data}
 OUT=${OUT:-out/dsb2018_vit_t_256}
-# a schedule that fits one working session here (~80 min on this machine's 2 cores: stage 1 ~3.3 s per step)
-STEPS_AIS=${STEPS_AIS:-750}
+# run 3's schedule: ~2.3 h on this machine's 2 cores (stage 1 ~3.3 s per step, 1b the same, prompts ~2.2 s), more
+# than one working session: it resumes where the last one stopped while out/ is kept. Stage 1 went to 1000 steps,
+# then 1500 (its validation was still rising); stage prompts, flat for 500 steps on stage 1's 1000-step encoder,
+# gets 1000 (run 2's broke out after ~300 steps on a 5000-step encoder).
+STEPS_AIS=${STEPS_AIS:-1500}
 STEPS_AIS_BN=${STEPS_AIS_BN:-250}
-STEPS_PROMPTS=${STEPS_PROMPTS:-500}
+STEPS_PROMPTS=${STEPS_PROMPTS:-1000}
 SCALE=${SCALE:-2}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
