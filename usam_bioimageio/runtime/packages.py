@@ -746,16 +746,13 @@ def check_embeddings(package: Package, embeddings, what: str = "these embeddings
 def check_siblings(family: Family) -> None:
     """Refuse a family whose decoders were exported for another image encoder than the one present, or whose
     packages record different input sizes or pixel scales."""
-    sizes = {kind: package.image_size for kind, package in family.packages.items()}
-    if len(set(sizes.values())) > 1:
-        raise PackageError("the packages of this family are for different input sizes ("
-                           + ", ".join(f"{kind} {size}" for kind, size in sizes.items())
-                           + "): packages of different models are mixed")
-    scales = {kind: package.pixel_scale for kind, package in family.packages.items()}
-    if len(set(scales.values())) > 1:
-        raise PackageError("the packages of this family record different pixel scales ("
-                           + ", ".join(f"{kind} {scale:g}" for kind, scale in scales.items())
-                           + "): packages of different models are mixed")
+    for fact, differ in (("image_size", "are for different input sizes"),
+                         ("pixel_scale", "record different pixel scales")):
+        values = {kind: getattr(package, fact) for kind, package in family.packages.items()}
+        if len(set(values.values())) > 1:
+            raise PackageError(f"the packages of this family {differ} ("
+                               + ", ".join(f"{kind} {value:g}" for kind, value in values.items())
+                               + "): packages of different models are mixed")
     if "image_encoder" not in family:
         return
     encoder = family.get("image_encoder")
