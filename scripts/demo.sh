@@ -26,12 +26,11 @@ else  # the demo model's weights are not committed until it is final (model_pack
 fi
 .venv/bin/usam export "$MODEL" --out "$OUT/family" --name "$NAME" \
   --sample-image "$IMAGE" --sample-labels "$LABELS" --overwrite
-.venv/bin/usam embed --model "$OUT/family" --image "$IMAGE" --out "$OUT/embeddings.npz" --overwrite
-.venv/bin/usam segment --model "$OUT/family" --image "$IMAGE" --prompts "$OUT/prompts.json" \
-  --embeddings "$OUT/embeddings.npz" --out "$OUT/labels.tif" --overlay "$OUT/overlay.png" --overwrite
-# AIS thresholds: the ones chosen by grid search on DSB2018 `val` (model_packages/dsb2018_vit_t_256/report/); AIS
-# encodes the image itself: at the model's pixel scale (config.usam.pixel_scale), tiled where the enlarged image
-# exceeds the model's input size
+# prompts and AIS encode the image themselves: at the model's pixel scale (config.usam.pixel_scale), tiled where the
+# enlarged image exceeds the model's input size (embeddings of the image as it is, `usam embed`, fit scale 1 only)
+.venv/bin/usam segment --model "$OUT/family" --image "$IMAGE" --prompts "$OUT/prompts.json" --tile-shape auto \
+  --out "$OUT/labels.tif" --overlay "$OUT/overlay.png" --overwrite
+# AIS thresholds: the ones chosen by grid search on DSB2018 `val` (model_packages/dsb2018_vit_t_256/report/)
 .venv/bin/usam ais --model "$OUT/family" --image "$IMAGE" --tile-shape auto \
   --center-distance-threshold 0.6 --boundary-distance-threshold 0.7 --distance-smoothing 1.2 \
   --out "$OUT/ais_labels.tif" --overlay "$OUT/ais_overlay.png" --overwrite

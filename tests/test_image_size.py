@@ -13,6 +13,7 @@ three formats, gated, and checks the torchscript weights too.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import zipfile
 
@@ -380,6 +381,10 @@ def test_ais_at_a_pixel_scale_equals_torch(model, torch_sam, ais_state, dsb_imag
         ais_maps(model, embeddings=compute_embeddings(model, crop), scale=2)
 
 
+_REFUSED = "this model runs at pixel scale 2 (config.usam.pixel_scale), which {} cannot; give --scale 1 to segment " \
+           "at the image's own scale"
+
+
 def test_cli_ais_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
     """`usam ais --tile-shape auto` of a model trained at pixel scale 2 (config.usam.pixel_scale): the image enlarged
     2x, tiled at the model's size, the maps resized back: the API's labels at scale 2, at the image's size (as
@@ -412,8 +417,7 @@ def test_cli_ais_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
                  str(tmp_path / "e.zarr"), "--quiet"]) == 0
     tifffile.imwrite(tmp_path / "stack.tif", np.stack([crop] * 2))
     capsys.readouterr()
-    refused = "this model runs at pixel scale 2 (config.usam.pixel_scale), which {} cannot; give --scale 1 to " \
-              "segment at the image's own scale"
+    refused = _REFUSED
     for image, extra, message in (
             ("img.tif", ["--scale", "0"], "--scale: scale must be > 0 and at most 8, got 0"),
             ("img.tif", ["--scale", "2", "--embeddings", str(tmp_path / "e.zarr")],
@@ -428,9 +432,10 @@ def test_cli_ais_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
 
 
 def test_usam_evaluate_runs_ais_at_the_models_pixel_scale(model, monkeypatch, tmp_path):
-    """`usam evaluate` (run_evaluation): AIS at the model's pixel scale (its own embeddings of the enlarged images),
-    AMG at scale 1 with the shared embeddings; the report names the scale."""
+    """`usam evaluate` (run_evaluation): AIS and the prompts at the model's pixel scale (embeddings of the enlarged
+    images, shared), AMG at scale 1 (the images' own); the report names the scale."""
     import usam_bioimageio.evaluation.automatic as automatic
+    import usam_bioimageio.evaluation.interactive as interactive_module
     from usam_bioimageio.evaluation.report import run_evaluation, write_report
 
     seen = {}
@@ -439,13 +444,176 @@ def test_usam_evaluate_runs_ais_at_the_models_pixel_scale(model, monkeypatch, tm
         seen[mode] = (scale, embed)
         return {"best": {"min_size": 5}, "val_table": [{"msa": 0.25}], "test": {"msa": 0.5, "sa50": 0.6, "sa75": 0.4}}
 
+    def interactive(model, pairs, *, start, n_iterations, seed, embed, progress, scale=1.0):
+        seen[start] = (scale, embed)
+        return {"msa": [0.25, 0.5], "sa50": [0.3, 0.6], "sa75": [0.2, 0.4], "n_images": 1}
+
     monkeypatch.setattr(automatic, "evaluate_automatic", evaluate)
-    results = run_evaluation(model, [], [], modes=["ais", "amg"], progress=False)
-    assert seen["ais"] == (PIXEL_SCALE, None) and seen["amg"][0] == 1.0 and callable(seen["amg"][1])
+    monkeypatch.setattr(interactive_module, "evaluate_interactive", interactive)
+    results = run_evaluation(model, [], [], modes=["ais", "amg", "interactive"], n_iterations=2, progress=False)
+    assert {k: v[0] for k, v in seen.items()} == {"ais": PIXEL_SCALE, "amg": 1.0, "box": PIXEL_SCALE,
+                                                  "point": PIXEL_SCALE}
+    image = np.zeros((40, 30), np.uint8)
+    image[10:20, 5:15] = 200
+    # prompts and AIS share the embeddings of the enlarged image, AMG has the image's own
+    assert seen["ais"][1](image) is seen["box"][1](image) is seen["point"][1](image)
+    assert seen["ais"][1](image).original_shape == (80, 60) and seen["amg"][1](image).original_shape == (40, 30)
     assert results["ais"]["pixel_scale"] == PIXEL_SCALE and results["amg"]["pixel_scale"] == 1.0
+    assert results["interactive"]["box"]["pixel_scale"] == PIXEL_SCALE
     report = write_report(results, tmp_path / "report", title="t", command="c").read_text()
     assert "| AIS (µSAM decoder) at pixel scale 2; val-chosen min_size 5 | 0.500 |" in report
     assert "| AMG (point grid); val-chosen min_size 5 | 0.500 |" in report
+    assert "| interactive from a box at pixel scale 2, after 1 corrections | 0.500 |" in report
+
+
+def _shrunk_torch(mask: np.ndarray, shape) -> np.ndarray:
+    """A mask of the enlarged image back at the image's size: torch's bilinear resize, >= 0.5."""
+    return _torch_bilinear(mask.astype(np.float32), shape) >= 0.5
+
+
+def test_prompts_at_a_pixel_scale_equal_torch(model, torch_sam, dsb_image):
+    """segment_from_prompts_scaled(scale=2): the torch model prompted on the image enlarged 2x (torch's bilinear
+    resize) with the prompts moved 2x, its masks shrunk back by torch's bilinear resize (>= 0.5); a 100 x 120 crop,
+    enlarged to 200 x 240, fits the model's input untiled. Point and box prompts, one and three masks."""
+    from usam_bioimageio.prompting.scaled import segment_from_prompts_scaled
+    from usam_bioimageio.runtime.pixel_scale import scale_image
+
+    crop = dsb_image[100:200, 150:270]
+    features = _torch_features(torch_sam, _torch_bilinear(crop, (200, 240)))
+    emb = compute_embeddings(model, scale_image(crop, 2))
+    box, point = np.array([30.0, 20.0, 70.0, 60.0]), np.array([[50.0, 40.0]])
+    for prompts, multimask in ((dict(box=box), False), (dict(points=point, labels=[1]), True)):
+        ref_masks, ref_scores, _ = _torch_predict(
+            torch_sam, features, (200, 240), box=None if "box" not in prompts else box * 2,
+            points=None if "points" not in prompts else point * 2, labels=prompts.get("labels"), multimask=multimask)
+        ours = segment_from_prompts_scaled(model, emb, shape=crop.shape[:2], scale=2, boxes=prompts.get("box"),
+                                           points=None if "points" not in prompts else point[None],
+                                           point_labels=None if "points" not in prompts else [[1]],
+                                           multimask_output=multimask)
+        assert ours.masks.shape == (1, len(ref_masks), 100, 120)
+        for k in range(len(ref_masks)):
+            assert _agreement(ours.masks[0, k], _shrunk_torch(ref_masks[k], (100, 120))) >= 0.9999
+        np.testing.assert_allclose(ours.scores[0], ref_scores, atol=1e-4)
+    with pytest.raises(ValueError, match=r"not of the \(100, 120\) image enlarged 2 times \(200, 240\)"):
+        segment_from_prompts_scaled(model, compute_embeddings(model, crop), shape=crop.shape[:2], scale=2, boxes=box)
+
+
+def _scaled_objects():
+    from usam_bioimageio.io.prompt_files import ObjectPrompt
+
+    return [ObjectPrompt(box=np.array([20.0, 30.0, 60.0, 70.0])),
+            ObjectPrompt(points=np.array([[150.0, 150.0]]), point_labels=np.array([1])),
+            ObjectPrompt(box=np.array([40.0, 40.0, 90.0, 90.0])),  # drawn over the first where they overlap
+            ObjectPrompt(points=np.array([[100.0, 30.0], [110.0, 60.0]]), point_labels=np.array([1, 0]))]
+
+
+def test_tiled_prompts_at_a_pixel_scale(model, dsb_image):
+    """label_objects_scaled on tiles of the enlarged image (each object from its tile, only the pixels it reaches
+    shrunk back) equals the labels of segment_from_prompts_scaled's full masks, later objects on top; at scale 1 it
+    is label_objects_tiled."""
+    from usam_bioimageio.embeddings.compute import compute_image_embeddings
+    from usam_bioimageio.io.overlay import masks_to_labels
+    from usam_bioimageio.prompting.scaled import label_objects_scaled, segment_from_prompts_scaled
+    from usam_bioimageio.prompting.tiled import label_objects_tiled
+    from usam_bioimageio.runtime.pixel_scale import scale_image
+
+    crop = dsb_image[:200, :180]  # 400 x 360 at scale 2: 3 x 2 tiles of 192 (+ halo 32)
+    tiled = compute_image_embeddings(model, scale_image(crop, 2), tile_shape="auto", progress=False)
+    assert len(tiled) == 6
+    objects = _scaled_objects()
+    labels = label_objects_scaled(model, tiled, objects, shape=crop.shape[:2], scale=2, batch_size=1)
+    masks = []
+    for o in objects:
+        r = segment_from_prompts_scaled(model, tiled, shape=crop.shape[:2], scale=2, boxes=o.box,
+                                        points=None if o.points is None else o.points[None],
+                                        point_labels=None if o.points is None else o.point_labels[None])
+        masks.append(r.masks[0, 0])
+    assert np.array_equal(labels, masks_to_labels(np.stack(masks)))
+    assert len(np.unique(labels)) > 2
+    with pytest.raises(ValueError, match="object 1 has a mask prompt .* cannot be moved to another pixel scale"):
+        label_objects_scaled(model, tiled, [objects[0], dataclasses.replace(objects[2], mask=np.zeros((64, 64)))],
+                             shape=crop.shape[:2], scale=2)
+    native = compute_tiled_embeddings(model, dsb_image, **TILING, progress=False)
+    assert np.array_equal(label_objects_scaled(model, native, objects, shape=dsb_image.shape[:2], scale=1),
+                          label_objects_tiled(model, native, objects))
+
+
+def test_cli_segment_at_a_pixel_scale(model, family, dsb_image, tmp_path, capsys):
+    """`usam segment --tile-shape auto` of a model trained at pixel scale 2 prompts the image enlarged 2x, tiled at
+    the model's size, each mask shrunk back: the API's labels at scale 2 (as `--scale 2`); `--scale 1` prompts the
+    image as it is; refusals: a bad scale, --scale or the model's scale with --embeddings, --scale or --tile-shape
+    with --volume, --halo without --tile-shape (nothing is written)."""
+    import json
+
+    import tifffile
+
+    from usam_bioimageio.cli.main import main
+    from usam_bioimageio.embeddings.compute import compute_image_embeddings
+    from usam_bioimageio.prompting.predict import label_objects
+    from usam_bioimageio.prompting.scaled import label_objects_scaled
+    from usam_bioimageio.runtime.pixel_scale import scale_image
+
+    crop = dsb_image[:200, :180]
+    tifffile.imwrite(tmp_path / "img.tif", crop)
+    objects = _scaled_objects()
+    (tmp_path / "p.json").write_text(json.dumps({"objects": [
+        {"box": o.box.tolist()} if o.box is not None else
+        {"points": o.points.tolist(), "labels": o.point_labels.tolist()} for o in objects]}))
+    common = ["segment", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--prompts",
+              str(tmp_path / "p.json"), "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "labels.tif"), "--tile-shape", "auto"]) == 0
+    tiled = compute_image_embeddings(model, scale_image(crop, 2), tile_shape="auto", progress=False)
+    expected = label_objects_scaled(model, tiled, objects, shape=crop.shape[:2], scale=2)
+    labels = tifffile.imread(tmp_path / "labels.tif")
+    assert labels.shape == crop.shape[:2] and np.array_equal(labels, expected)
+    assert main([*common, "--out", str(tmp_path / "explicit.tif"), "--tile-shape", "auto", "--scale", "2"]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "explicit.tif"), labels)
+    assert main([*common, "--out", str(tmp_path / "one.tif"), "--tile-shape", "auto", "--scale", "1"]) == 0
+    one = tifffile.imread(tmp_path / "one.tif")  # 200 x 180 fits the input: untiled
+    assert np.array_equal(one, label_objects(model, compute_embeddings(model, crop), objects))
+    assert not np.array_equal(one, labels)
+    assert main(["embed", "--model", str(family), "--image", str(tmp_path / "img.tif"), "--out",
+                 str(tmp_path / "e.npz"), "--quiet"]) == 0
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([crop] * 2))
+    capsys.readouterr()
+    refused = _REFUSED
+    for extra, code, message in (
+            (["--scale", "0"], 2, "--scale: scale must be > 0 and at most 8, got 0"),
+            (["--scale", "2", "--embeddings", str(tmp_path / "e.npz")], 2,
+             "--scale encodes the resized image; do not give --embeddings with it"),
+            (["--embeddings", str(tmp_path / "e.npz")], 2, refused.format("embeddings (of the image as it is)")),
+            (["--halo", "8", "8"], 2, "--halo needs --tile-shape"),
+            (["--tile-shape", "auto", "--embeddings", str(tmp_path / "e.npz")], 2,
+             "--tile-shape and --halo are read from the embedding cache; do not give them with --embeddings"),
+            (["--volume", "--scale", "2"], 2, "--scale is for 2D images; --volume segments a stack at its own scale")):
+        assert main([*common, "--out", str(tmp_path / "never.tif"), *extra]) == code, extra
+        assert capsys.readouterr().err.strip() == f"usam segment: error: {message}"
+    (tmp_path / "zp.json").write_text(json.dumps({"objects": [{"box": [20, 30, 60, 70], "z": 0}]}))
+    assert main([*common[:4], str(tmp_path / "stack.tif"), "--prompts", str(tmp_path / "zp.json"), "--volume",
+                 "--quiet", "--out", str(tmp_path / "never.tif")]) == 2
+    assert capsys.readouterr().err.strip() == f"usam segment: error: {refused.format('a stack (3D segmentation)')}"
+    assert not (tmp_path / "never.tif").exists()
+
+
+def test_interactive_evaluation_at_a_pixel_scale(model, dsb_image):
+    """interactive_segmentation(scale=2) on tiles of the enlarged image: each round's masks are
+    segment_from_prompts_scaled's of that round's prompts (in the image's pixels), scored at the image's size."""
+    from usam_bioimageio.embeddings.compute import compute_image_embeddings
+    from usam_bioimageio.evaluation.interactive import _label_image, interactive_segmentation
+    from usam_bioimageio.prompting.scaled import segment_from_prompts_scaled
+    from usam_bioimageio.runtime.pixel_scale import scale_image
+
+    crop = dsb_image[:200, :180]
+    gt = np.zeros(crop.shape[:2], np.uint32)
+    gt[20:60, 30:70], gt[120:170, 100:140] = 1, 2
+    tiled = compute_image_embeddings(model, scale_image(crop, 2), tile_shape="auto", progress=False)
+    rounds = interactive_segmentation(model, crop, gt, start="point", n_iterations=2, embeddings=tiled, scale=2)
+    for k, r in enumerate(rounds):
+        res = segment_from_prompts_scaled(model, tiled, shape=gt.shape, scale=2, points=r.points,
+                                          point_labels=r.point_labels, multimask_output=k == 0)
+        best = res.masks[np.arange(2), np.argmax(res.scores, axis=1)]
+        assert np.array_equal(r.labels, _label_image(best, gt.shape))
+    assert rounds[1].points.shape == (2, 3, 2)  # the start + one positive and one negative correction
 
 
 def test_amg_masks_are_the_decoders(model, dsb_setup, dsb_image, dsb_tiled):

@@ -54,7 +54,7 @@ def test_known_prompt_sequence_for_a_fixed_seed(case, monkeypatch):
     """With a decoder that predicts nothing, the corrections are re-derived independently: every round a
     positive point in the object and a negative one in its box grown by 3 pixels, drawn in µSAM's order."""
     model, image, gt, emb = case
-    monkeypatch.setattr(ie, "_decode", lambda model, emb, points, labels, boxes, multimask, batch:
+    monkeypatch.setattr(ie, "_decode", lambda model, emb, shape, scale, points, labels, boxes, multimask, batch:
                         np.zeros((len(boxes) if boxes is not None else len(points),) + gt.shape, bool))
     rounds = ie.interactive_segmentation(model, image, gt, start="box", n_iterations=4, seed=7, embeddings=emb)
     ids = np.unique(gt)[1:]

@@ -86,3 +86,30 @@ def test_checkpoints_carry_the_pixel_scale(tmp_path):
     with pytest.raises(ValueError, match=r"'pixel_scale': scale must be > 0 and at most 8, got 20") as err:
         load_checkpoint(tmp_path / "bad.pt")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.5, 3.0, 0.7, 2.37])
+def test_masks_shrink_as_the_maps_resize(scale):
+    """prompting.scaled.shrink_mask (only the rows and columns an object reaches): the enlarged mask resized to the
+    image as resize_maps resizes AIS maps, a pixel in the object where that is >= 0.5; objects at every border."""
+    from usam_bioimageio.prompting.scaled import shrink_mask
+
+    rng = np.random.default_rng(int(scale * 100))
+    for _ in range(30):
+        shape = (int(rng.integers(5, 60)), int(rng.integers(5, 60)))
+        big = scaled_shape(shape, scale)
+        mask = np.zeros(big, bool)
+        y0, x0 = rng.integers(-10, big[0]), rng.integers(-10, big[1])
+        mask[max(y0, 0):y0 + rng.integers(11, 40), max(x0, 0):x0 + rng.integers(11, 40)] = True
+        mask &= rng.random(big) < 0.8
+        ref = resize_maps(mask[None].astype(np.float32), shape)[0]
+        got = shrink_mask(mask, shape)
+        assert got.shape == shape and got.dtype == bool
+        # a pixel exactly at 0.5 may round either way in float32
+        assert not ((got != (ref >= 0.5)) & (np.abs(ref - 0.5) > 1e-5)).any()
+    assert not shrink_mask(np.zeros((20, 30), bool), (10, 15)).any()
+    block = np.zeros((20, 30), bool)
+    block[4:8, 6:12] = True  # at scale 2: exactly the pixels 2..3 x 3..5
+    expected = np.zeros((10, 15), bool)
+    expected[2:4, 3:6] = True
+    np.testing.assert_array_equal(shrink_mask(block, (10, 15)), expected)

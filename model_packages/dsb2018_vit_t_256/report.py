@@ -6,7 +6,7 @@ Usage (report.sh): .venv/bin/python model_packages/dsb2018_vit_t_256/report.py -
 `usam evaluate`'s code (usam_bioimageio.evaluation): AIS / AMG thresholds by grid search on the first --n-val
 `val` images (AIS also whether to run on native-resolution tiles where an image is larger than the model's frame,
 or on such tiles of the image enlarged --scale times), interactive segmentation from a box (scored at the start)
-and from a point (then 7 of µSAM's corrections), Otsu + watershed, and the filled-box baseline, all scored by the same mSA code on the same `test`
+and from a point (then 7 of µSAM's corrections; both at --scale on such tiles, as `usam segment` runs the model), Otsu + watershed, and the filled-box baseline, all scored by the same mSA code on the same `test`
 images. results.json gets issue 13's flat keys next to the full numbers, report.md the bars and the learning
 curves. Each part is kept in PARTS_DIR with a fingerprint of the weights it depends on (AIS: image encoder + AIS
 decoder; prompts and AMG: all SAM weights; baselines: none) and the settings, and reused while they match: stage 2
@@ -56,8 +56,9 @@ def main() -> None:
     parser.add_argument("--partial", action="store_true", help="with --only: write the report of the parts there "
                         "are, naming the missing ones")
     parser.add_argument("--n-val", type=int, default=20)
-    parser.add_argument("--scale", type=float, default=1.0, help="also AIS on tiles of the images enlarged this "
-                        "many times (`usam ais --scale`), a choice next to the frame and native tiles")
+    parser.add_argument("--scale", type=float, default=1.0, help="the model's pixel scale: also AIS on tiles of the "
+                        "images enlarged this many times (`usam ais --scale`), a choice next to the frame and native "
+                        "tiles; box / point prompts on such tiles (in the frame at 1)")
     parser.add_argument("--ais-ways", nargs="+", choices=("frame", "tiles", "scaled"),
                         default=["frame", "tiles", "scaled"], help="the ways AIS is run, the best on `val` is used: "
                         "the whole image in the frame, native-resolution tiles, tiles of the image at --scale")
@@ -97,9 +98,16 @@ def main() -> None:
                                                                         progress=False)
         return cache["tiled", scale, id(image)]
 
+    # prompts as `usam segment --tile-shape auto` runs the model by default: at --scale (the model's pixel scale),
+    # on N x N tiles of the enlarged image where it is larger than the frame, each mask shrunk back
+    prompt_way = "frame" if args.scale == 1.0 else f"auto tiles at scale {args.scale:g}"
+
     def interactive(start, n):
         # box prompts are scored at the start only (box_msa): one round; a point with 7 corrections: 8 rounds
-        return evaluate_interactive(model, test, start=start, n_iterations=n, seed=0, embed=embed, progress=True)
+        if args.scale == 1.0:
+            return evaluate_interactive(model, test, start=start, n_iterations=n, seed=0, embed=embed, progress=True)
+        return evaluate_interactive(model, test, start=start, n_iterations=n, seed=0, progress=True,
+                                    embed=lambda i: embed_tiled(i, args.scale), scale=args.scale)
 
     def automatic(mode, embed_fn=embed, scale=1.0):
         base = AmgParameters(points_per_side=AMG_POINTS_PER_SIDE) if mode == "amg" else None
@@ -132,7 +140,9 @@ def main() -> None:
     for name, (depends, compute) in parts.items():
         if depends is not None and depends not in fingerprints:
             fingerprints[depends] = fingerprint(args.checkpoint, depends)
-        key = {"settings": {**settings, **({"amg_points_per_side": AMG_POINTS_PER_SIDE} if name == "amg" else {})},
+        own = {"amg": {"amg_points_per_side": AMG_POINTS_PER_SIDE}, "box": {"prompts": prompt_way},
+               "point": {"prompts": prompt_way}}.get(name, {})
+        key = {"settings": {**settings, **own},
                "weights": fingerprints.get(depends)}
         path = args.parts / f"{name}.json"
         if path.exists():
@@ -176,7 +186,8 @@ def main() -> None:
              f"runs, among: {'; '.join(ways.values())} (tiles: `usam ais --tile-shape auto`, N x N tiles where the "
              f"image is larger than the model's input" + (f"; at scale {args.scale:g}: `--scale {args.scale:g}`, of the "
                                                            f"image enlarged {args.scale:g}x" if args.scale != 1.0 else "") +
-             f"); chosen: {results.get('ais', {}).get('tiling', 'n/a')}); AMG with "
+             f"); chosen: {results.get('ais', {}).get('tiling', 'n/a')}); box and point prompts: {prompt_way} "
+             "(`usam segment`'s default for the model); AMG with "
              f"{AMG_POINTS_PER_SIDE} points per side; filled box = each ground-truth object's bounding box as its "
              "mask.", "", "| key | mSA |", "|---|---|"]
     lines += [f"| `{k}` | {v:.3f} |" for k, v in flat.items() if k != "n_images"]

@@ -28,6 +28,7 @@ from usam_bioimageio.cli.files import (
     write_labels,
     write_overlay,
 )
+from usam_bioimageio.cli.scale import add_scale_option, parse_scale, refuse_model_scale, run_scale
 from usam_bioimageio.embeddings.types import resolve_tiling
 from usam_bioimageio.io.images import check_image_header_2d
 
@@ -86,21 +87,6 @@ def _embeddings_for_job(model, image: np.ndarray, embeddings: Optional[Path], ar
     return compute_image_embeddings(model, image, tile_shape=args.tile_shape, halo=args.halo, progress=progress)
 
 
-def run_scale(args: argparse.Namespace, model) -> float:
-    """The pixel scale this run segments at: --scale if given, else the model's (``config.usam.pixel_scale``);
-    1 for a command without --scale."""
-    given = getattr(args, "scale", 1.0)
-    return model.pixel_scale if given is None else given
-
-
-def _refuse_model_scale(args: argparse.Namespace, model, what: str) -> None:
-    """A model trained at a pixel scale other than 1 runs at it by default, except on ``what`` (embeddings of the
-    image as it is, a stack): the user decides with --scale 1 rather than getting labels of another scale silently."""
-    if getattr(args, "scale", 1.0) is None and model.pixel_scale != 1.0:
-        raise UsageError(f"this model runs at pixel scale {model.pixel_scale:g} (config.usam.pixel_scale), which "
-                         f"{what} cannot; give --scale 1 to segment at the image's own scale")
-
-
 def override(params, args: argparse.Namespace, names):
     """Parameters with the options the user gave (None = keep the preset / default)."""
     import dataclasses
@@ -132,7 +118,7 @@ def run_volume(args: argparse.Namespace, volume: np.ndarray, method: str, params
     if args.embeddings:
         check_stack_embeddings_for(Path(args.embeddings), volume)
     model = load_model(args)
-    _refuse_model_scale(args, model, "a stack (3D segmentation)")
+    refuse_model_scale(args, model, "a stack (3D segmentation)")
     embeddings = load_stack_embeddings_for(Path(args.embeddings), volume, model) if args.embeddings else None
     tile_shape, halo = resolve_tiling(args.tile_shape, args.halo, volume.shape[1:3], model.image_size)
     halo = halo if halo is not None or tile_shape is None else (0, 0)
@@ -170,8 +156,6 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
         raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
                          "--embeddings")
     scale = getattr(args, "scale", 1.0)  # None: the model's pixel scale, known once it is loaded
-    if scale not in (None, 1.0) and args.embeddings:
-        raise UsageError("--scale encodes the resized image; do not give --embeddings with it")
     jobs = _image_jobs(args)
     # every output and the first image are checked before the model is loaded or anything is computed
     outputs, inputs = [], [("--image", args.image), ("--embeddings", args.embeddings)]
@@ -203,7 +187,7 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
         check_embeddings_for(jobs[0][3], first)
     model = load_model(args)
     if any(job[3] is not None for job in jobs):
-        _refuse_model_scale(args, model, "embeddings (of the image as it is)")
+        refuse_model_scale(args, model, "embeddings (of the image as it is)")
     images = {0: first}  # the first image, read above, until its job takes it
 
     def prepare(k: int):
@@ -235,13 +219,9 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
 def cmd_ais(args: argparse.Namespace) -> int:
     from usam_bioimageio.automatic.ais.postprocess import AIS_PRESETS, AisParameters
     from usam_bioimageio.automatic.ais.decoder import automatic_instance_segmentation
-    from usam_bioimageio.runtime.pixel_scale import check_scale
 
     params = override(AIS_PRESETS[args.preset] if args.preset else AisParameters(), args, AIS_OPTIONS)
-    try:
-        args.scale = None if args.scale is None else check_scale(args.scale)
-    except ValueError as e:
-        raise UsageError(f"--scale: {e}") from None
+    parse_scale(args)
 
     def segment(model, image, emb, progress):
         return automatic_instance_segmentation(model, image, embeddings=emb, params=params, progress=progress,
@@ -315,11 +295,7 @@ def add_automatic_parsers(sub) -> None:
     ais = _add_automatic_parser(sub, "ais", cmd_ais, "automatic instance segmentation with µSAM's decoder (the "
                                 "family's AIS packages) -> label TIFF (3D for a 3D TIFF)", AIS_PRESETS)
     add_ais_options(ais)
-    ais.add_argument("--scale", type=float, default=None,
-                     help="resize the image by this factor before encoding (a model trained on enlarged images: "
-                          "`usam train --scale`), the maps back before post-processing; --tile-shape is then in "
-                          "the resized image's pixels, the post-processing options in the image's (default: the "
-                          "model's pixel scale, config.usam.pixel_scale, 1 unless recorded)")
+    add_scale_option(ais, "the maps back before post-processing (its options are in the image's pixels)")
     amg = _add_automatic_parser(sub, "amg", cmd_amg, "automatic mask generation (SAM's point grid) -> label TIFF "
                                 "(3D for a 3D TIFF)",
                                 AMG_PRESETS)

@@ -13,6 +13,7 @@ from usam_bioimageio.cli.automatic import add_automatic_parsers
 from usam_bioimageio.cli.embed import cmd_embed
 from usam_bioimageio.cli.evaluate import cmd_evaluate
 from usam_bioimageio.cli.files import add_model_options, add_tile_options
+from usam_bioimageio.cli.scale import add_scale_option
 from usam_bioimageio.cli.packages import cmd_export, cmd_validate
 from usam_bioimageio.cli.segment import cmd_segment
 from usam_bioimageio.cli.track import add_track_parser
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "`usam embed --cache` (tiled too) or micro-sam's precompute_image_embeddings")
     p.add_argument("--overlay", default=None, help="also write an overlay of the labels (.png or .tif)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tile_options(p, "compute tiled embeddings (micro-sam's tiling; each object is answered from the tile holding "
+                        "its prompts' centre)", "overlap around each tile; should cover the largest object (default "
+                        "0 0; N / 8 with --tile-shape auto)")
+    add_scale_option(p, "each mask shrunk back to the image")
     from usam_bioimageio.volumes.interactive import (DEFAULT_BOX_EXTENSION, DEFAULT_IOU_THRESHOLD, DEFAULT_PROJECTION,
                                                      PROJECTION_MODES)
 

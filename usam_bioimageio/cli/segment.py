@@ -23,6 +23,7 @@ from usam_bioimageio.cli.files import (
     write_labels,
     write_overlay,
 )
+from usam_bioimageio.cli.scale import parse_scale, refuse_model_scale, run_scale
 from usam_bioimageio.errors import InputError, OutputError, UsageError
 
 
@@ -53,6 +54,7 @@ def _segment_volume(args: argparse.Namespace) -> int:
         check_stack_embeddings_for(Path(args.embeddings), volume)
 
     model = load_model(args)
+    refuse_model_scale(args, model, "a stack (3D segmentation)")
     emb = load_stack_embeddings_for(Path(args.embeddings), volume, model) if args.embeddings \
         else compute_stack_embeddings(model, volume, progress=not args.quiet)
     labels = segment_volume_from_prompts(model, emb, objects=objects, projection=args.projection,
@@ -63,17 +65,30 @@ def _segment_volume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_tiling_and_scale(args: argparse.Namespace) -> None:
+    parse_scale(args)
+    if args.halo is not None and args.tile_shape is None:
+        raise UsageError("--halo needs --tile-shape")
+    if args.embeddings and args.tile_shape is not None:
+        raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
+                         "--embeddings")
+    if args.volume and args.scale not in (None, 1.0):
+        raise UsageError("--scale is for 2D images; --volume segments a stack at its own scale")
+    if args.volume and args.tile_shape is not None:
+        raise UsageError("--tile-shape is for 2D images here; for a tiled stack give --embeddings from "
+                         "`usam embed --stack --cache C --tile-shape Y X`")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from usam_bioimageio.embeddings.compute import compute_embeddings
-    from usam_bioimageio.embeddings.types import TiledEmbeddings
+    from usam_bioimageio.embeddings.compute import compute_image_embeddings
     from usam_bioimageio.io.overlay import overlay
-    from usam_bioimageio.io.prompt_files import check_prompts_inside, read_prompts
-    from usam_bioimageio.prompting.predict import label_objects
-    from usam_bioimageio.prompting.tiled import label_objects_tiled
-    from usam_bioimageio.io.prompt_files import check_prompt_slices
+    from usam_bioimageio.io.prompt_files import check_prompt_slices, check_prompts_inside, read_prompts
+    from usam_bioimageio.prompting.scaled import label_objects_scaled
+    from usam_bioimageio.runtime.pixel_scale import scale_image
 
+    _check_tiling_and_scale(args)
     if args.volume:
         return _segment_volume(args)
     # every input and output is checked before the model is loaded or anything is computed
@@ -90,16 +105,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
         check_embeddings_for(Path(args.embeddings), image)
 
     model = load_model(args)
+    if args.embeddings:
+        refuse_model_scale(args, model, "embeddings (of the image as it is)")
+    scale = run_scale(args, model)
     with tqdm(total=2, desc="segment", disable=args.quiet) as bar:
         bar.set_postfix_str("embeddings")
-        emb = load_embeddings_for(Path(args.embeddings), image, model) if args.embeddings \
-            else compute_embeddings(model, image)
+        emb = load_embeddings_for(Path(args.embeddings), image, model) if args.embeddings else \
+            compute_image_embeddings(model, scale_image(image, scale) if scale != 1.0 else image,
+                                     tile_shape=args.tile_shape, halo=args.halo, progress=False)
         bar.update()
         bar.set_postfix_str(f"{len(objects)} objects")
-        if isinstance(emb, TiledEmbeddings):
-            labels = label_objects_tiled(model, emb, objects)
-        else:
-            labels = label_objects(model, emb, objects)  # in batches: memory bounded for thousands of objects
+        # in batches: memory bounded for thousands of objects; at a scale, each mask shrunk back to the image
+        labels = label_objects_scaled(model, emb, objects, shape=image.shape[:2], scale=scale)
         bar.update()
     write_labels(out.path, labels)
     print(f"wrote {args.out} ({int(labels.max())} objects)")

@@ -22,11 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from usam_bioimageio.embeddings.types import Embeddings
 from usam_bioimageio.embeddings.compute import compute_embeddings
 from usam_bioimageio.evaluation.metrics import segmentation_scores
 from usam_bioimageio.runtime.model import SamModel
-from usam_bioimageio.prompting.predict import segment_from_prompts
+from usam_bioimageio.runtime.pixel_scale import check_scale, scale_image
+from usam_bioimageio.prompting.scaled import AnyEmbeddings, segment_from_prompts_scaled
 from usam_bioimageio.prompting import iterative as ip
 
 START_PROMPTS = ("point", "box")
@@ -53,15 +53,15 @@ def _label_image(masks: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
     return masks_to_label_image(records, shape, with_background=False)
 
 
-def _decode(model: SamModel, embeddings: Embeddings, points, point_labels, boxes, multimask: bool,
-            batch_size: int) -> np.ndarray:
+def _decode(model: SamModel, embeddings: AnyEmbeddings, shape: Tuple[int, int], scale: float, points, point_labels,
+            boxes, multimask: bool, batch_size: int) -> np.ndarray:
     """(o, H, W) masks; with ``multimask`` the one with the best predicted IoU per object."""
     n = len(points) if points is not None else len(boxes)
     out = []
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        result = segment_from_prompts(
-            model, embeddings,
+        result = segment_from_prompts_scaled(
+            model, embeddings, shape=shape, scale=scale,
             points=None if points is None else points[sl], point_labels=None if points is None else point_labels[sl],
             boxes=None if boxes is None else boxes[sl], multimask_output=multimask,
         )
@@ -78,11 +78,16 @@ def interactive_segmentation(
     start: str = "box",
     n_iterations: int = 8,
     seed: int = 0,
-    embeddings: Optional[Embeddings] = None,
+    embeddings: Optional[AnyEmbeddings] = None,
     batch_size: int = 32,
+    scale: float = 1.0,
 ) -> List[InteractiveRound]:
     """µSAM's iterative prompting evaluation of one image: ``n_iterations`` rounds (µSAM's default 8: the
-    starting prompt and 7 corrections), each an :class:`InteractiveRound`. ``start``: "point" or "box"."""
+    starting prompt and 7 corrections), each an :class:`InteractiveRound`. ``start``: "point" or "box".
+
+    ``scale`` (``prompting.scaled``): the model prompted on the image enlarged this many times, masks shrunk back;
+    ``embeddings`` (default: computed untiled) are those of ``scale_image(image, scale)``, plain or tiled. Prompts
+    and scores stay in the image's pixels."""
     if start not in START_PROMPTS:
         raise ValueError(f"start must be one of {START_PROMPTS}, got {start!r}")
     if n_iterations < 1:
@@ -95,7 +100,7 @@ def interactive_segmentation(
     if len(ids) == 0:
         raise ValueError("the ground truth has no objects")
     if embeddings is None:
-        embeddings = compute_embeddings(model, image)
+        embeddings = compute_embeddings(model, scale_image(image, scale) if check_scale(scale) != 1.0 else image)
     rng = np.random.default_rng(seed)
     gt_masks = ip.object_masks(gt, ids)
     points = point_labels = boxes = None
@@ -106,7 +111,8 @@ def interactive_segmentation(
         boxes = ip.bounding_boxes(gt_masks).astype(np.float64)
     rounds = []
     for k in range(n_iterations):
-        masks = _decode(model, embeddings, points, point_labels, boxes, start == "point" and k == 0, batch_size)
+        masks = _decode(model, embeddings, gt.shape, scale, points, point_labels, boxes, start == "point" and k == 0,
+                        batch_size)
         labels = _label_image(masks, gt.shape)
         scores = segmentation_scores(labels, gt)
         rounds.append(InteractiveRound(points, point_labels, boxes, labels, scores["msa"], scores["sa50"],
@@ -126,12 +132,14 @@ def evaluate_interactive(
     start: str = "box",
     n_iterations: int = 8,
     seed: int = 0,
-    embed: Optional[Callable[[np.ndarray], Embeddings]] = None,
+    embed: Optional[Callable[[np.ndarray], AnyEmbeddings]] = None,
     progress: bool = False,
+    scale: float = 1.0,
 ) -> Dict[str, Any]:
     """Mean scores per round over (image, ground truth) pairs (images without objects are skipped):
     ``{"msa": [round 0, round 1, ...], "sa50": [...], "sa75": [...], "n_images": n}``; image i uses seed
-    ``seed + i``. ``embed``: image -> embeddings (default: computed per image)."""
+    ``seed + i``. ``embed``: image -> embeddings (default: computed per image); ``scale``: as in
+    :func:`interactive_segmentation` (``embed`` then returns those of the enlarged image)."""
     from tqdm import tqdm
 
     per_image = []
@@ -139,7 +147,7 @@ def evaluate_interactive(
         if not np.any(np.asarray(gt)):
             continue
         rounds = interactive_segmentation(model, image, gt, start=start, n_iterations=n_iterations, seed=seed + i,
-                                          embeddings=embed(image) if embed is not None else None)
+                                          embeddings=embed(image) if embed is not None else None, scale=scale)
         per_image.append([[r.msa, r.sa50, r.sa75] for r in rounds])
     if not per_image:
         raise ValueError("no image with objects")

@@ -59,30 +59,36 @@ def run_evaluation(model, val_pairs: Sequence[Pair], test_pairs: Sequence[Pair],
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     from usam_bioimageio.embeddings.compute import compute_embeddings
+    from usam_bioimageio.runtime.pixel_scale import scale_image
 
     results: Dict[str, Any] = {"n_val": len(val_pairs), "n_test": len(test_pairs)}
-    computed: Dict[int, Any] = {}
+    computed: Dict[tuple, Any] = {}
+    # prompts and AIS run at the model's pixel scale, as `usam segment` / `usam ais` do; AMG at the image's own
+    model_scale = model.pixel_scale
 
-    def embed(image):  # one encoder run per image for all modes (the pairs hold the images alive)
-        if id(image) not in computed:
-            computed[id(image)] = compute_embeddings(model, image)
-        return computed[id(image)]
+    def embed_at(scale: float):
+        def embed(image):  # one encoder run per image and scale for all modes (the pairs hold the images alive)
+            if (id(image), scale) not in computed:
+                computed[id(image), scale] = compute_embeddings(model, scale_image(image, scale) if scale != 1.0
+                                                                else image)
+            return computed[id(image), scale]
+        return embed
 
     if "baseline" in modes:
         preds = [otsu_watershed(image) for image, _ in tqdm(test_pairs, desc="baseline", disable=not progress)]
         results["baseline"] = mean_scores(preds, [g for _, g in test_pairs])
     if "interactive" in modes:
         results["interactive"] = {
-            start: evaluate_interactive(model, test_pairs, start=start, n_iterations=n_iterations, seed=seed,
-                                        embed=embed, progress=progress)
+            start: {**evaluate_interactive(model, test_pairs, start=start, n_iterations=n_iterations, seed=seed,
+                                           embed=embed_at(model_scale), progress=progress, scale=model_scale),
+                    "pixel_scale": model_scale}
             for start in ("box", "point")
         }
     for mode in ("ais", "amg"):
         if mode in modes:
-            # AIS at the model's pixel scale, as `usam ais` runs it (the embeddings of the enlarged images, not shared)
-            scale = model.pixel_scale if mode == "ais" else 1.0
+            scale = model_scale if mode == "ais" else 1.0
             out = evaluate_automatic(model, val_pairs, test_pairs, mode=mode, progress=progress,
-                                     embed=embed if scale == 1.0 else None, scale=scale)
+                                     embed=embed_at(scale), scale=scale)
             results[mode] = {"best": out["best"], "test": out["test"], "grid_size": len(out["val_table"]),
                              "best_val_msa": max(r["msa"] for r in out["val_table"]), "pixel_scale": scale}
     return results
@@ -152,7 +158,9 @@ def _write_files(results: Dict[str, Any], out_dir: Path, *, title: str, command:
     for start, r in inter.items():
         for k in sorted({0, len(r["msa"]) - 1}):
             label = "start" if k == 0 else f"after {k} corrections"
-            lines.append(_row(f"interactive from a {start}, {label}",
+            scale = r.get("pixel_scale", 1.0)
+            at = f" at pixel scale {scale:g}" if scale != 1.0 else ""
+            lines.append(_row(f"interactive from a {start}{at}, {label}",
                               {"msa": r["msa"][k], "sa50": r["sa50"][k], "sa75": r["sa75"][k]}))
     lines.append("")
     if inter:
