@@ -11,6 +11,7 @@ import numpy as np
 
 from usam_bioimageio.errors import OutputError, UsageError
 from usam_bioimageio.cli.files import (
+    check_tile_options,
     IMAGE_SUFFIXES,
     Output,
     add_model_options,
@@ -150,11 +151,7 @@ def _run_automatic(args: argparse.Namespace, segment, method: str, params) -> in
 
     from usam_bioimageio.io.overlay import overlay
 
-    if args.halo is not None and args.tile_shape is None:
-        raise UsageError("--halo needs --tile-shape")
-    if args.embeddings and args.tile_shape is not None:
-        raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
-                         "--embeddings")
+    check_tile_options(args)
     scale = getattr(args, "scale", 1.0)  # None: the model's pixel scale, known once it is loaded
     jobs = _image_jobs(args)
     # every output and the first image are checked before the model is loaded or anything is computed

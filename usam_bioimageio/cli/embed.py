@@ -9,7 +9,8 @@ import numpy as np
 
 from usam_bioimageio.embeddings.types import resolve_tiling
 from usam_bioimageio.errors import UsageError
-from usam_bioimageio.cli.files import IMAGE_SUFFIXES, Output, check_outputs, is_stack, load_model, read_image
+from usam_bioimageio.cli.files import (IMAGE_SUFFIXES, Output, check_outputs, check_tile_options, is_stack, load_model,
+                                      read_image)
 
 
 def _embed_to_cache(model, image: np.ndarray, cache: Path, args: argparse.Namespace, name: str) -> str:
@@ -50,8 +51,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from usam_bioimageio.embeddings.compute import compute_embeddings
     from usam_bioimageio.embeddings.npz import save_embeddings
 
-    if args.halo is not None and args.tile_shape is None:
-        raise UsageError("--halo needs --tile-shape")
+    check_tile_options(args)
     source = Path(args.image)
     if args.cache is None:
         if args.out is None:

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from usam_bioimageio.errors import OutputError
+from usam_bioimageio.errors import OutputError, UsageError
 from usam_bioimageio.evaluation.report import REPORT_FILES
 from usam_bioimageio.io.images import is_stack, read_image, read_image_2d
 
@@ -83,6 +83,16 @@ def add_tile_options(p, tile_help: str, halo_help: str) -> None:
                    help=tile_help + "; 'auto': tiles of the model's input size N (outer tiles N x N with a halo of "
                                     "N / 8, for images larger than N; smaller images are not tiled)")
     p.add_argument("--halo", type=int, nargs=2, metavar=("Y", "X"), default=None, help=halo_help)
+
+
+def check_tile_options(args) -> None:
+    """Usage errors of the options :func:`add_tile_options` adds: --halo without --tile-shape, and tiling given with
+    --embeddings (where the command has it), whose cache records its own."""
+    if args.halo is not None and args.tile_shape is None:
+        raise UsageError("--halo needs --tile-shape")
+    if getattr(args, "embeddings", None) and args.tile_shape is not None:
+        raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
+                         "--embeddings")
 
 
 @dataclass(frozen=True)

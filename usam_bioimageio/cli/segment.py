@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from usam_bioimageio.cli.files import (
+    check_tile_options,
     Output,
     check_embeddings_for,
     check_label_count,
@@ -67,11 +68,7 @@ def _segment_volume(args: argparse.Namespace) -> int:
 
 def _check_tiling_and_scale(args: argparse.Namespace) -> None:
     parse_scale(args)
-    if args.halo is not None and args.tile_shape is None:
-        raise UsageError("--halo needs --tile-shape")
-    if args.embeddings and args.tile_shape is not None:
-        raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
-                         "--embeddings")
+    check_tile_options(args)
     if args.volume and args.scale not in (None, 1.0):
         raise UsageError("--scale is for 2D images; --volume segments a stack at its own scale")
     if args.volume and args.tile_shape is not None:

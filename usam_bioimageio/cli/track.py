@@ -12,6 +12,7 @@ import numpy as np
 
 from usam_bioimageio.cli.automatic import AIS_OPTIONS, add_ais_options, override
 from usam_bioimageio.cli.files import (
+    check_tile_options,
     IMAGE_SUFFIXES,
     Output,
     add_model_options,
@@ -120,11 +121,7 @@ def cmd_track(args: argparse.Namespace) -> int:
 
     if args.prompts:
         return _track_prompted(args)
-    if args.halo is not None and args.tile_shape is None:
-        raise UsageError("--halo needs --tile-shape")
-    if args.embeddings and args.tile_shape is not None:
-        raise UsageError("--tile-shape and --halo are read from the embedding cache; do not give them with "
-                         "--embeddings")
+    check_tile_options(args)
     if args.solver == "motile" and not motile_available():
         raise UsageError("--solver motile needs motile and ilpy (pip install 'usam-bioimageio[tracking]'); or use "
                          "--solver greedy")
