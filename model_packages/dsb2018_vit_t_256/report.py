@@ -104,10 +104,8 @@ def main() -> None:
 
     def interactive(start, n):
         # box prompts are scored at the start only (box_msa): one round; a point with 7 corrections: 8 rounds
-        if args.scale == 1.0:
-            return evaluate_interactive(model, test, start=start, n_iterations=n, seed=0, embed=embed, progress=True)
-        return evaluate_interactive(model, test, start=start, n_iterations=n, seed=0, progress=True,
-                                    embed=lambda i: embed_tiled(i, args.scale), scale=args.scale)
+        return evaluate_interactive(model, test, start=start, n_iterations=n, seed=0, progress=True, scale=args.scale,
+                                    embed=embed if args.scale == 1.0 else lambda i: embed_tiled(i, args.scale))
 
     def automatic(mode, embed_fn=embed, scale=1.0):
         base = AmgParameters(points_per_side=AMG_POINTS_PER_SIDE) if mode == "amg" else None
